@@ -1,0 +1,26 @@
+# The few commands people need. `make help` lists them.
+.PHONY: help install test test-all lint format demo ui
+
+help:
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install:  ## install the suite and its test tools (editable: Hydra reads conf/ from the checkout)
+	python3 -m pip install -e '.[test]'
+
+test:  ## fast tests plus one real-MNIST learning test (a few minutes on 2 CPU cores)
+	python3 -m pytest -q
+
+test-all:  ## every test, the slow ones included
+	python3 -m pytest -q -m ''
+
+lint:  ## ruff lint and format check
+	ruff check . && ruff format --check .
+
+format:  ## apply ruff's fixes and formatting
+	ruff check --fix . && ruff format .
+
+demo:  ## a short real run: NoProp-DT on 10,000 MNIST images, 1 epoch, recorded in MLflow
+	noprop-train dataset.train_size=10000 train.epochs=1
+
+ui:  ## the MLflow UI on the runs recorded here (http://127.0.0.1:5000)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db

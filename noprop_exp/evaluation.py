@@ -1,0 +1,116 @@
+"""Test-set accuracy of a trained method, and re-building a logged run's model from MLflow.
+
+Inference goes through `Method.predict`, which takes images only: labels are used after the
+prediction, to count hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from noprop_exp.assemble import Assembled, assemble, resolve_device
+from noprop_exp.solvers import Solver
+from noprop_exp.variants.base import Method
+
+
+@dataclass
+class Accuracy:
+    mean: float  # percent
+    se: float  # standard error over inference repeats, percent (0 for a single repeat)
+    per_repeat: list[float]
+
+
+@torch.no_grad()
+def predict_labels(
+    method: Method,
+    images: Tensor,
+    steps: int,
+    solver: Solver,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Predicted class of every image, in batches."""
+    method.eval()
+    predictions = [
+        method.predict(batch, steps, solver, generator).argmax(dim=1)
+        for batch in images.split(batch_size)
+    ]
+    return torch.cat(predictions)
+
+
+def accuracy(
+    method: Method,
+    images: Tensor,
+    labels: Tensor,
+    steps: int,
+    solver: Solver,
+    batch_size: int = 1000,
+    repeats: int = 1,
+    seed: int = 1234,
+) -> Accuracy:
+    """Accuracy (%) on the whole of (images, labels), mean and s.e. over stochastic repeats."""
+    scores = []
+    for repeat in range(repeats):
+        generator = torch.Generator(device=images.device).manual_seed(seed + repeat)
+        predicted = predict_labels(method, images, steps, solver, batch_size, generator)
+        scores.append(100.0 * (predicted == labels).float().mean().item())
+    mean = sum(scores) / repeats
+    if repeats == 1:
+        return Accuracy(mean, 0.0, scores)
+    variance = sum((s - mean) ** 2 for s in scores) / (repeats - 1)
+    return Accuracy(mean, math.sqrt(variance / repeats), scores)
+
+
+def load_logged_run(
+    run_id: str, tracking_uri: str, device: torch.device, data_root: str | None = None
+) -> tuple[DictConfig, Assembled]:
+    """Re-build a logged run's data, method and solver from its config.yaml and weights."""
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", folder))
+        weights = client.download_artifacts(run_id, "model/state_dict.pt", folder)
+        if data_root is not None and "root" in cfg.dataset:
+            cfg.dataset.root = data_root
+        torch.manual_seed(cfg.seed)  # the same initial embedding draw as in training
+        assembled = assemble(cfg, device)
+        assembled.method.load_state_dict(torch.load(weights, map_location=device))
+    return cfg, assembled
+
+
+def main(argv: list[str] | None = None) -> None:
+    """noprop-eval: test accuracy of a logged run's trained model."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_id")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    cfg, run = load_logged_run(
+        args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
+    )
+    steps = args.steps or cfg.eval.steps or run.method.default_steps()
+    result = accuracy(
+        run.method,
+        run.data.test_x,
+        run.data.test_y,
+        steps,
+        run.solver,
+        cfg.eval.batch_size,
+        args.repeats,
+        args.seed,
+    )
+    print(
+        f"{args.run_id}: test accuracy {result.mean:.2f}% +- {result.se:.2f} "
+        f"({args.repeats} inference runs, {steps} steps, {len(run.data.test_y)} images)"
+    )

@@ -1,0 +1,1 @@
+"""Networks: image backbones (paper CNN, ResNets), the NoProp-DT block and the CT/FM network."""

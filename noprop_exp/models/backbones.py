@@ -1,0 +1,108 @@
+"""Image branches: the paper's CNN (Figure 6) and torchvision ResNets adapted to 28/32-pixel inputs.
+
+Every backbone maps images (B, C, H, W) to a feature vector (B, out_features). Configs select one
+with `_target_` and `_partial_`, so the models can build as many independent copies as they need
+(NoProp-DT gives every block its own image branch).
+"""
+
+from __future__ import annotations
+
+import torchvision
+from torch import Tensor, nn
+
+
+class PaperCNN(nn.Module):
+    """conv32-pool-conv64-conv128-pool-FC, ReLU and dropout 0.2 in between (paper Figure 6).
+
+    The 256-d output is followed by BatchNorm in DT blocks and by ReLU in CT/FM networks, so the
+    final activation belongs to the caller (`final`).
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        out_features: int = 256,
+        dropout: float = 0.2,
+        final: str = "batchnorm",
+    ) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(dropout),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(dropout),
+            nn.Flatten(),
+        )
+        flat = 128 * (height // 2 // 2) * (width // 2 // 2)
+        self.fc = nn.Linear(flat, out_features)
+        self.final = _final_layer(final, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.final(self.fc(self.features(x)))
+
+
+class ResNet(nn.Module):
+    """A torchvision ResNet (random init) with a small-image stem: 3x3 conv, stride 1, no max-pool.
+
+    The ImageNet stem (7x7 stride 2 + max-pool) would shrink a 28-pixel image to 7 pixels before
+    the first residual stage, which is why CIFAR-style ResNets replace it.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        depth: int = 18,
+        out_features: int = 256,
+        final: str = "batchnorm",
+    ) -> None:
+        super().__init__()
+        builders = {
+            18: torchvision.models.resnet18,
+            50: torchvision.models.resnet50,
+            152: torchvision.models.resnet152,
+        }
+        if depth not in builders:
+            raise ValueError(
+                f"backbone.depth={depth} is not supported; choose one of {sorted(builders)}"
+            )
+        net = builders[depth](weights=None)
+        net.conv1 = nn.Conv2d(image_shape[0], 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Linear(net.fc.in_features, out_features)
+        self.net = net
+        self.final = _final_layer(final, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.final(self.net(x))
+
+
+def _final_layer(final: str, features: int) -> nn.Module:
+    layers = {"batchnorm": lambda: nn.BatchNorm1d(features), "relu": nn.ReLU, "none": nn.Identity}
+    if final not in layers:
+        raise ValueError(f"final={final!r} is not one of {sorted(layers)}")
+    return layers[final]()
+
+
+def label_stem(
+    z_shape: tuple[int, ...], backbone, width: int = 256, batchnorm: bool = True
+) -> nn.Module:
+    """First layer of a label branch: FC for vector z, a conv stem like the image's for image z.
+
+    Prototype embeddings make z image-shaped (spec section 5), so z then goes through a copy of
+    the image backbone instead of a fully connected layer.
+    """
+    norm = "batchnorm" if batchnorm else "none"
+    if len(z_shape) == 3:
+        return nn.Sequential(backbone(image_shape=z_shape, final=norm), nn.ReLU())
+    layers = [nn.Linear(z_shape[0], width)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(width))
+    return nn.Sequential(*layers, nn.ReLU())

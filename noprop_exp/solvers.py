@@ -1,0 +1,205 @@
+"""Samplers that carry z from noise (t = 0) to the label end (t = 1) on the grid t_k = k/N.
+
+A model hands a solver its `Dynamics`: a denoiser u_hat(z, t) with the schedule's alpha_bar
+(DT, CT) and/or a velocity v(z, t) (FM, or CT through `probability_flow`). Steps are written for
+a 0-dim t and z of any shape, and avoid host syncs so long solves stay on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from noprop_exp.schedules import NoiseSchedule, posterior_coefficients, time_grid
+
+Field = Callable[[Tensor, Tensor], Tensor]
+
+# How each Dynamics field is named in error messages.
+_OFFERINGS = {"velocity": "a velocity", "denoise": "a denoiser", "alpha_bar": "a noise schedule"}
+
+
+@dataclass
+class Dynamics:
+    """What a model offers to a solver. Posterior/DDIM need denoise + alpha_bar; Euler/Heun need
+    velocity. `source` names the offering model in error messages (e.g. "variant fm")."""
+
+    velocity: Field | None = None  # v(z, t) with t a 0-dim tensor
+    denoise: Field | None = None  # u_hat(z, t): predicted clean embedding
+    alpha_bar: Callable[[Tensor], Tensor] | None = None  # schedule's alpha_bar(t)
+    source: str = "the model"
+
+    def has(self, fields: tuple[str, ...]) -> bool:
+        return all(getattr(self, field) is not None for field in fields)
+
+
+def probability_flow(
+    denoise: Field, schedule: NoiseSchedule, source: str = "the model"
+) -> Dynamics:
+    """Dynamics of NoProp-CT: velocity = PF-ODE of spec §3,
+    dz/dt = ab'(t)/(2(1-ab(t))) * (u_hat/sqrt(ab) - z), plus denoise and alpha_bar.
+
+    Why this ODE: for a known u the path z_t = sqrt(ab) u + sqrt(1-ab) eps has
+    dz/dt = ab'/(2 sqrt(ab)) u - ab'/(2 sqrt(1-ab)) eps; eliminating eps with the path itself
+    gives the formula, which is linear in u, so u_hat = E[u | z_t] gives the marginal flow.
+    """
+
+    def velocity(z: Tensor, t: Tensor) -> Tensor:
+        ab = schedule.alpha_bar(t)
+        rate = schedule.alpha_bar_prime(t) / (2 * (1 - ab))
+        return rate * (denoise(z, t) / ab.sqrt() - z)
+
+    return Dynamics(velocity=velocity, denoise=denoise, alpha_bar=schedule.alpha_bar, source=source)
+
+
+class Solver:
+    """One step from t to t_next; `requires` lists the Dynamics fields the step uses."""
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]]
+
+    def step(
+        self,
+        dyn: Dynamics,
+        z: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, dyn: Dynamics) -> None:
+        """Raise a ValueError naming what this solver needs and which solvers would fit."""
+        if dyn.has(self.requires):
+            return
+        needs = " and ".join(_OFFERINGS[field] for field in self.requires)
+        offered = [text for field, text in _OFFERINGS.items() if getattr(dyn, field) is not None]
+        fitting = [cls.name for cls in SOLVERS if dyn.has(cls.requires)]
+        offer = f"offers only {' and '.join(offered)}" if offered else "offers nothing"
+        advice = (
+            "use " + " or ".join(f"solver={name}" for name in fitting)
+            if fitting
+            else "give it a velocity, or a denoiser and a noise schedule"
+        )
+        raise ValueError(f"solver '{self.name}' needs {needs}; {dyn.source} {offer}: {advice}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PosteriorSolver(Solver):
+    """z' = a u_hat + b z + sqrt(c) eps: a draw from q(z_t' | z_t, y = u_hat), spec §2.
+    With `deterministic`, eps = 0 (the posterior mean)."""
+
+    name = "posterior"
+    requires = ("denoise", "alpha_bar")
+
+    def __init__(self, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
+
+    def step(
+        self,
+        dyn: Dynamics,
+        z: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check(dyn)
+        a, b, c = posterior_coefficients(dyn.alpha_bar(t), dyn.alpha_bar(t_next))
+        z_next = a * dyn.denoise(z, t) + b * z
+        if self.deterministic:
+            return z_next
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        # clamp: rounding can make c a hair below 0 where alpha_bar barely moves.
+        return z_next + c.clamp_min(0).sqrt() * noise
+
+    def __repr__(self) -> str:
+        return f"PosteriorSolver(deterministic={self.deterministic})"
+
+
+class DDIMSolver(Solver):
+    """Deterministic DDIM (spec §3): keep the implied noise eps_hat, move to alpha_bar(t')."""
+
+    name = "ddim"
+    requires = ("denoise", "alpha_bar")
+
+    def step(
+        self,
+        dyn: Dynamics,
+        z: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check(dyn)
+        ab, ab_next = dyn.alpha_bar(t), dyn.alpha_bar(t_next)
+        u_hat = dyn.denoise(z, t)
+        eps_hat = (z - ab.sqrt() * u_hat) / (1 - ab).sqrt()
+        return ab_next.sqrt() * u_hat + (1 - ab_next).sqrt() * eps_hat
+
+
+class EulerSolver(Solver):
+    """Forward Euler on dz/dt = v(z, t): first order, one velocity call per step."""
+
+    name = "euler"
+    requires = ("velocity",)
+
+    def step(
+        self,
+        dyn: Dynamics,
+        z: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check(dyn)
+        return z + (t_next - t) * dyn.velocity(z, t)
+
+
+class HeunSolver(Solver):
+    """Heun's method (explicit trapezoid): second order, two velocity calls per step."""
+
+    name = "heun"
+    requires = ("velocity",)
+
+    def step(
+        self,
+        dyn: Dynamics,
+        z: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check(dyn)
+        h = t_next - t
+        v = dyn.velocity(z, t)
+        v_next = dyn.velocity(z + h * v, t_next)
+        return z + h / 2 * (v + v_next)
+
+
+SOLVERS: tuple[type[Solver], ...] = (PosteriorSolver, DDIMSolver, EulerSolver, HeunSolver)
+
+
+def solve(
+    solver: Solver,
+    dyn: Dynamics,
+    z0: Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Integrate from z0 at t=0 to t=1 in num_steps steps; on_step(k, t_k, z_k) is called after
+    each step (k=1..N) so callers can record trajectories."""
+    # The grid is built once on z's device (indexing it needs no host sync); at least float32
+    # so that k/N stays exact enough for N = 1000 even when z is half precision.
+    grid = time_grid(num_steps, z0.device, torch.promote_types(z0.dtype, torch.float32))
+    z = z0
+    for k in range(1, num_steps + 1):
+        z = solver.step(dyn, z, grid[k - 1], grid[k], generator)
+        if on_step is not None:
+            on_step(k, grid[k], z)
+    return z

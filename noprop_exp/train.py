@@ -1,0 +1,163 @@
+"""Train one method on one dataset and record it in MLflow. Hydra entry point: `noprop-train`.
+
+Reads top to bottom: assemble the run from the config, open the MLflow run, then for each epoch
+train on every minibatch (timed, evaluation excluded), evaluate on the test set every
+`eval.every` epochs, log; at the end log the accuracy-versus-time table and the weights.
+One epoch is one pass over the training set; on each minibatch the method takes the optimiser
+steps it asks for (NoProp-DT: all T blocks at once, then its extra head steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from noprop_exp.assemble import assemble, resolve_device
+from noprop_exp.config import Device, OptimizerName  # importing registers the schema
+from noprop_exp.data import minibatches
+from noprop_exp.evaluation import accuracy
+from noprop_exp.tracking import tracked_run
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    optimizers = {OptimizerName.adam: torch.optim.Adam, OptimizerName.adamw: torch.optim.AdamW}
+    optimizer = optimizers[OptimizerName(cfg.optimizer)]
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock times measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"training loss became {value} {where}; lower train.lr, or try train.precision=fp32"
+        )
+
+
+def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Train and evaluate as `cfg` says; returns the last epoch's metrics.
+
+    `choices` (config group -> option) become MLflow tags; by default Hydra's runtime choices.
+    """
+    if choices is None:
+        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    device = resolve_device(Device(cfg.device).value)
+    torch.manual_seed(cfg.seed)
+    run_parts = assemble(cfg, device)
+    data, method, solver = run_parts.data, run_parts.method, run_parts.solver
+    steps = cfg.eval.steps or method.default_steps()
+    # Fail on an unusable solver or step count now, not after hours of training.
+    for n in {steps, *cfg.eval.steps_sweep}:
+        method.predict(data.test_x[:2], n, solver)
+    optimizer = make_optimizer(cfg.train, method.parameters())
+    shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches_per_epoch = math.ceil(len(data.train_y) / cfg.train.batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with tracked_run(cfg, choices) as tracker:
+        log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
+        progress = tqdm(total=cfg.train.epochs * batches_per_epoch, disable=None, unit="batch")
+        train_time_s, history, metrics = 0.0, [], {}
+        for epoch in range(1, cfg.train.epochs + 1):
+            method.train()
+            sums: dict[str, torch.Tensor] = {}
+            synchronize(device)
+            started = time.perf_counter()
+            batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
+            for step, (x, y) in enumerate(batches):
+                for update, (loss, diagnostics) in enumerate(method.update_losses(x, y)):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if update == 0:  # the method's main loss; later ones are auxiliary steps
+                        main_loss = loss.detach()
+                        for name, value in {"train_loss": main_loss, **diagnostics}.items():
+                            sums[name] = sums.get(name, 0.0) + value
+                if step % cfg.train.log_every == 0:  # syncs with the device: not every step
+                    check_finite(main_loss.item(), f"at epoch {epoch}, batch {step}")
+                    progress.set_postfix(epoch=epoch, loss=f"{main_loss.item():.4f}", refresh=False)
+                progress.update()
+            synchronize(device)
+            train_time_s += time.perf_counter() - started
+
+            metrics = {name: (total / batches_per_epoch).item() for name, total in sums.items()}
+            check_finite(metrics["train_loss"], f"on average in epoch {epoch}")
+            metrics["train_time_s"] = train_time_s
+            if device.type == "cuda":
+                metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
+                result = accuracy(
+                    method,
+                    data.test_x,
+                    data.test_y,
+                    steps,
+                    solver,
+                    cfg.eval.batch_size,
+                    cfg.eval.repeats,
+                    cfg.eval.seed,
+                )
+                metrics |= {"test_acc": result.mean, "test_acc_se": result.se}
+                metrics |= method.diagnostics()
+                history.append(
+                    {
+                        "epoch": epoch,
+                        "train_time_s": train_time_s,
+                        "test_acc": result.mean,
+                        "test_acc_se": result.se,
+                    }
+                )
+                progress.set_postfix(
+                    epoch=epoch, loss=f"{metrics['train_loss']:.4f}", test_acc=f"{result.mean:.2f}"
+                )
+            tracker.log_metrics(metrics, step=epoch)
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        progress.close()
+
+        tracker.log_table(history, "acc_vs_time.json")
+        if cfg.eval.steps_sweep:
+            by_steps = []
+            for n in cfg.eval.steps_sweep:
+                result = accuracy(
+                    method,
+                    data.test_x,
+                    data.test_y,
+                    n,
+                    solver,
+                    cfg.eval.batch_size,
+                    cfg.eval.repeats,
+                    cfg.eval.seed,
+                )
+                by_steps.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
+                metrics[f"test_acc_steps_{n}"] = result.mean
+            tracker.log_metrics(
+                {f"test_acc_steps_{r['steps']}": r["test_acc"] for r in by_steps},
+                step=cfg.train.epochs,
+            )
+            tracker.log_table(by_steps, "acc_vs_steps.json")
+        if cfg.mlflow.log_model:
+            tracker.log_state_dict(method)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)["test_acc"]
+
+
+if __name__ == "__main__":
+    main()

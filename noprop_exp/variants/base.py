@@ -1,0 +1,90 @@
+"""The interface every method offers to the training loop, the evaluation and the reports.
+
+The loop asks a method for the losses of a minibatch and steps the optimiser on each; it knows
+nothing of blocks, schedules or solvers. `predict` and `trajectory` take no labels, so inference
+cannot read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from noprop_exp.embeddings import LabelEmbedding
+from noprop_exp.schedules import NoiseSchedule
+from noprop_exp.solvers import Solver
+
+Diagnostics = dict[str, Tensor]
+
+
+@dataclass
+class Parts:
+    """What the config groups other than `variant` provide to build a method."""
+
+    backbone: Callable[..., nn.Module]  # backbone(image_shape=..., final=...) -> image branch
+    schedule: NoiseSchedule
+    embedding: LabelEmbedding
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+class Method(nn.Module):
+    """Base class of the five methods; subclasses set `name` and implement the four methods."""
+
+    name: str = "method"
+
+    def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
+        """Losses for one minibatch, each minimised by its own optimiser step, in order.
+
+        Most methods yield one loss. NoProp-DT yields extra head-only losses to keep the paper's
+        ratio of head to block updates (spec section 2).
+        """
+        raise NotImplementedError
+
+    def default_steps(self) -> int:
+        """Inference steps used when `eval.steps` is null (T blocks for DT, 1000 for CT/FM)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(
+        self, x: Tensor, steps: int, solver: Solver, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Class scores (B, m) for images x; argmax is the prediction."""
+        return self.trajectory(x, steps, solver, generator)[-1]
+
+    @torch.no_grad()
+    def trajectory(
+        self, x: Tensor, steps: int, solver: Solver, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Class scores read out at every step of inference: (steps + 1, B, m), noise first."""
+        raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars worth logging once per evaluation (e.g. a learned schedule's endpoints)."""
+        return {}
+
+
+def sample_q(u_y: Tensor, alpha_bar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z ~ q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I); alpha_bar broadcasts over z."""
+    noise = torch.randn(u_y.shape, device=u_y.device, dtype=u_y.dtype, generator=generator)
+    return alpha_bar.sqrt() * u_y + (1 - alpha_bar).sqrt() * noise
+
+
+def kl_to_prior(u_y: Tensor, alpha_bar_0: Tensor) -> Tensor:
+    """KL(q(z_0 | y) || N(0, I)) per example (spec section 2); constant for one-hot embeddings."""
+    dim = u_y[0].numel()
+    sq_norm = u_y.flatten(1).pow(2).sum(1)
+    return 0.5 * (alpha_bar_0 * sq_norm - dim * alpha_bar_0 - dim * torch.log1p(-alpha_bar_0))
+
+
+def per_example_sq_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """||prediction - target||^2 summed over all but the batch dimension."""
+    return (prediction - target).flatten(1).pow(2).sum(1)
+
+
+def broadcast_time(t: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-example (B,) tensor so it broadcasts against z of any shape."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
