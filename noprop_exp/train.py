@@ -25,14 +25,15 @@ from noprop_exp.config import Device, OptimizerName  # importing registers the s
 from noprop_exp.data import minibatches
 from noprop_exp.evaluation import accuracy
 from noprop_exp.tracking import tracked_run
+from noprop_exp.variants.base import Method
 
 log = logging.getLogger(__name__)
 
 
-def make_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: DictConfig, method: Method) -> torch.optim.Optimizer:
     optimizers = {OptimizerName.adam: torch.optim.Adam, OptimizerName.adamw: torch.optim.AdamW}
     optimizer = optimizers[OptimizerName(cfg.optimizer)]
-    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer(method.parameter_groups(cfg.weight_decay), lr=cfg.lr)
 
 
 def synchronize(device: torch.device) -> None:
@@ -63,7 +64,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
     # Fail on an unusable solver or step count now, not after hours of training.
     for n in {steps, *cfg.eval.steps_sweep}:
         method.predict(data.test_x[:2], n, solver)
-    optimizer = make_optimizer(cfg.train, method.parameters())
+    optimizer = make_optimizer(cfg.train, method)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
     batches_per_epoch = math.ceil(len(data.train_y) / cfg.train.batch_size)
     if device.type == "cuda":

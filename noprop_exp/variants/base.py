@@ -62,6 +62,10 @@ class Method(nn.Module):
         """Class scores read out at every step of inference: (steps + 1, B, m), noise first."""
         raise NotImplementedError
 
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Optimiser parameter groups; a method may exempt some parameters from weight decay."""
+        return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
+
     def diagnostics(self) -> dict[str, float]:
         """Scalars worth logging once per evaluation (e.g. a learned schedule's endpoints)."""
         return {}
