@@ -42,8 +42,9 @@ class TrainConfig:
     # The paper uses AdamW for DT and the baselines, Adam for CT and FM: each variant says which.
     optimizer: OptimizerName = "${variant.optimizer}"  # type: ignore[assignment]
     log_every: int = 50  # steps between progress-bar updates (each one syncs with the device)
-    precision: Precision = Precision.fp32
-    compile: bool = False
+    precision: Precision = Precision.fp32  # bf16: autocast of forward passes (train and eval)
+    compile: bool = False  # torch.compile each of the method's networks
+    fused_optimizer: bool = True  # Adam(W) as one fused kernel (false: torch's default loop)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class EvalConfig:
     repeats: int = 1  # stochastic inference runs averaged per evaluation (paper: 5)
     batch_size: int = 1000
     seed: int = 1234  # seeds inference noise, separately from training
+    pictures: bool = True  # at the end: predictions, trajectories, per-block accuracy (pictures.py)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Config groups whose choice becomes a run tag, so the MLflow UI can filter and group runs.
 GROUP_TAGS = ("variant", "dataset", "backbone", "embedding", "noise_schedule", "solver")
-# Set by a sweep's parent run (see noprop_exp.sweep) so that each job becomes its child.
+# Set in each sweep job's process by the sweep callback (noprop_exp.sweep.SweepParentRun):
+# the job's run then becomes a child of the sweep's parent run.
 PARENT_RUN_ENV = "NOPROP_MLFLOW_PARENT_RUN_ID"
 
 

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -23,8 +22,6 @@ TINY = [
     "eval.batch_size=256",
     "device=cpu",
 ]
-
-torch.set_num_threads(2)
 
 
 def compose_run_config(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:

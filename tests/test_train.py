@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,14 @@ def test_dt_learns_real_mnist(tiny_config, capsys):
     # Chance is 10%; a reversed schedule or a head starved of updates stays far below this
     # (with one head update per minibatch instead of T, this run scores about 20%).
     assert metrics["test_acc"] > 75.0
+
+
+def test_console_script_finds_the_configs_from_any_directory(tmp_path):
+    """`noprop-train` imports the package (not a file): the config path must still resolve."""
+    script = shutil.which("noprop-train")
+    assert script, "noprop-train is not on PATH: install the suite with pip install -e ."
+    result = subprocess.run(
+        [script, "--cfg", "job", "variant=dt"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "num_blocks: 10" in result.stdout

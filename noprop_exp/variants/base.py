@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from noprop_exp.embeddings import LabelEmbedding
 from noprop_exp.schedules import NoiseSchedule
-from noprop_exp.solvers import Solver
+from noprop_exp.solvers import Dynamics, Solver, solve
 
 Diagnostics = dict[str, Tensor]
 
@@ -71,6 +71,50 @@ class Method(nn.Module):
         return {}
 
 
+class ContinuousTimeMethod(Method):
+    """Inference shared by NoProp-CT and -FM: z_0 ~ N(0, I) at t = 0 carried to t = 1 by a solver
+    over the model's `dynamics(x)`, classes read off z by `readout(z)`.
+
+    Subclasses set `z_shape` and implement `dynamics` and `readout`; `dynamics` should compute
+    the image branch once, so each of the (paper: 1000) steps costs only the z and t branches.
+    """
+
+    z_shape: tuple[int, ...]
+
+    def default_steps(self) -> int:
+        return 1000  # the paper's T for CT and FM
+
+    def dynamics(self, x: Tensor) -> Dynamics:
+        raise NotImplementedError
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Class scores (B, m) of latents z (B, *z_shape); argmax is the prediction."""
+        raise NotImplementedError
+
+    def initial_z(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.randn((len(x), *self.z_shape), device=x.device, generator=generator)
+
+    @torch.no_grad()
+    def predict(
+        self, x: Tensor, steps: int, solver: Solver, generator: torch.Generator | None = None
+    ) -> Tensor:
+        z0 = self.initial_z(x, generator)
+        return self.readout(solve(solver, self.dynamics(x), z0, steps, generator))
+
+    @torch.no_grad()
+    def trajectory(
+        self, x: Tensor, steps: int, solver: Solver, generator: torch.Generator | None = None
+    ) -> Tensor:
+        z0 = self.initial_z(x, generator)
+        scores = [self.readout(z0)]
+
+        def record(_step: int, _t: Tensor, z: Tensor) -> None:
+            scores.append(self.readout(z))
+
+        solve(solver, self.dynamics(x), z0, steps, generator, on_step=record)
+        return torch.stack(scores)
+
+
 def sample_q(u_y: Tensor, alpha_bar: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """z ~ q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I); alpha_bar broadcasts over z."""
     noise = torch.randn(u_y.shape, device=u_y.device, dtype=u_y.dtype, generator=generator)
@@ -92,3 +136,37 @@ def per_example_sq_error(prediction: Tensor, target: Tensor) -> Tensor:
 def broadcast_time(t: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-example (B,) tensor so it broadcasts against z of any shape."""
     return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+TIME_SAMPLINGS = ("uniform", "stratified")
+
+
+def sample_times(batch: int, mode: str, device: torch.device) -> Tensor:
+    """Training times t in [0, 1), one per example (continuous-time variants, spec sections 3-4).
+
+    `uniform`: i.i.d. U[0, 1], as in the paper. `stratified`: the low-discrepancy sampler of
+    Variational Diffusion Models, t_i = (u + i / B) mod 1 with one u ~ U[0, 1]: each t_i is still
+    U[0, 1], so the loss stays unbiased, but a minibatch covers [0, 1] evenly, which lowers the
+    variance of its loss when the weight (SNR'(t) in CT) varies by orders of magnitude.
+    """
+    if mode == "uniform":
+        return torch.rand(batch, device=device)
+    if mode == "stratified":
+        offsets = torch.arange(batch, device=device) / batch
+        return (torch.rand(1, device=device) + offsets) % 1
+    raise ValueError(f"variant.method.t_sampling must be one of {TIME_SAMPLINGS}, got {mode!r}")
+
+
+def loss_by_time_bin(t: Tensor, per_example: Tensor, bins: int) -> Diagnostics:
+    """`loss_tbin_k` for k = 0..bins-1: the loss of the examples with t in [k/bins, (k+1)/bins).
+
+    Each value is bins * sum(loss over the bin's examples) / B, an unbiased estimate of
+    E[loss | t in bin k] for t ~ U[0, 1] that stays defined when a minibatch has no example in
+    the bin, so the loop's per-epoch average of it is the bin's mean loss; the bins' average is
+    the minibatch's mean loss.
+    """
+    index = (t.detach() * bins).long().clamp(0, bins - 1)
+    totals = torch.zeros(bins, device=t.device, dtype=per_example.dtype)
+    totals.index_add_(0, index, per_example.detach())
+    per_bin = totals * (bins / len(t))
+    return {f"loss_tbin_{k}": per_bin[k] for k in range(bins)}

@@ -1,0 +1,439 @@
+"""noprop-bench: how fast each variant trains and infers on this machine, as a table.
+
+Every variant is composed by Hydra and assembled exactly as `noprop-train` does it, so the config
+switches (`train.precision`, `train.compile`, `variant.method.fused`, ...) apply; `--override`
+passes more. Per variant:
+
+- training throughput: images/s of the loop's own `train_step` (every optimiser step the method
+  asks for, e.g. DT's extra head steps) over `--train-steps` full minibatches after
+  `--warmup-steps`, timed between device syncs;
+- inference throughput at each of `--infer-steps` (default 10 and 1000): images/s of
+  `Method.predict` over `--infer-images` test images in `eval.batch_size` batches. DT and the
+  backprop baseline infer with their T blocks only: other step counts are "n/a";
+- time to the target test accuracy (not with `--smoke`): an ordinary training run (`train.run`,
+  logged in MLflow as a child of the benchmark's run) of as many epochs as `--time-budget-s`
+  allows at the measured throughput, evaluated every epoch. The time is the loop's own
+  `train_time_s` (evaluation excluded) at the first epoch whose test accuracy reached the target,
+  read afterwards from the run's metrics: no early stopping, so the run is an ordinary one.
+  Reading the test set to stop or select would be test-set model selection when the accuracy is
+  reported; here the time to reach it is the measurement.
+- peak memory: on CUDA, the peak allocated during the training steps and what was resident
+  before them (dataset on the device + weights); on the CPU, the process's peak resident set
+  (host memory, so far in the process: it never goes down).
+
+The machine (CPU model, GPU name), torch version and the table go to `<out>.csv`, `<out>.md`
+and an MLflow run in experiment `noprop-bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, open_dict
+
+from noprop_exp import train
+from noprop_exp.assemble import Assembled, assemble, resolve_device
+from noprop_exp.config import Device
+from noprop_exp.data import minibatches
+from noprop_exp.tracking import PARENT_RUN_ENV
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENT = "noprop-bench"
+# The issue's targets (paper Table 1, MNIST); other variants get one with --target-acc NAME=ACC.
+DEFAULT_TARGETS = {"dt": 99.4, "ct": 98.0, "fm": 99.0}
+
+
+@dataclass
+class Row:
+    """One variant's figures; None where not measured (the note says why)."""
+
+    variant: str
+    train_img_s: float | None = None
+    infer_img_s: dict[int, float | None] = field(default_factory=dict)
+    target_acc: float | None = None
+    time_to_target_s: float | None = None
+    best_acc: float | None = None
+    peak_mem_gb: float | None = None
+    memory: str = ""  # what peak_mem_gb measures
+    resident_gb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def flat(self) -> dict[str, object]:
+        """Columns of the table, inference throughput one column per step count."""
+        columns = asdict(self)
+        del columns["infer_img_s"]
+        columns["notes"] = "; ".join(self.notes)
+        for steps, value in self.infer_img_s.items():
+            columns[f"infer_img_s_{steps}"] = value
+        order = ["variant", "train_img_s", *(f"infer_img_s_{s}" for s in self.infer_img_s)]
+        return {k: columns[k] for k in order} | {k: v for k, v in columns.items() if k not in order}
+
+
+def available_variants() -> list[str]:
+    """Every variant with a config file in conf/variant."""
+    return sorted(path.stem for path in (CONF_DIR / "variant").glob("*.yaml"))
+
+
+def compose_config(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
+    """conf/config.yaml with overrides, as `noprop-train` composes it; and the group choices."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+def describe_machine(device: torch.device) -> dict[str, str]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        "gpu": gpu,
+        "device": str(device),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+    }
+
+
+def endless_batches(assembled: Assembled, batch_size: int, seed: int) -> Iterator:
+    """Full training minibatches, reshuffled each pass, as the loop draws them."""
+    data = assembled.data
+    if len(data.train_y) < batch_size:
+        raise ValueError(
+            f"the training set has {len(data.train_y)} images, fewer than one batch of "
+            f"{batch_size}: lower --batch-size or raise --train-size"
+        )
+    generator = torch.Generator(device=data.train_x.device).manual_seed(seed)
+    while True:
+        for x, y in minibatches(data.train_x, data.train_y, batch_size, generator):
+            if len(y) == batch_size:
+                yield x, y
+
+
+def training_throughput(
+    assembled: Assembled, cfg: DictConfig, device: torch.device, warmup: int, steps: int
+) -> float:
+    """Images/s of `train.train_step` (the loop's step) on full minibatches."""
+    method = assembled.method
+    optimizer = train.make_optimizer(cfg.train, method)
+    batches = endless_batches(assembled, cfg.train.batch_size, cfg.seed)
+    method.train()
+    for _ in range(warmup):
+        train.train_step(method, optimizer, *next(batches), cfg.train.precision)
+    work = [next(batches) for _ in range(steps)]  # gathered before the clock starts
+    train.synchronize(device)
+    started = time.perf_counter()
+    for x, y in work:
+        train.train_step(method, optimizer, x, y, cfg.train.precision)
+    train.synchronize(device)
+    return steps * cfg.train.batch_size / (time.perf_counter() - started)
+
+
+def inference_throughput(
+    assembled: Assembled, cfg: DictConfig, device: torch.device, steps: int, images: int
+) -> float:
+    """Images/s of `Method.predict` with `steps` steps over `images` test images."""
+    method, solver = assembled.method, assembled.solver
+    test_x = assembled.data.test_x[:images]
+    generator = torch.Generator(device=device).manual_seed(cfg.eval.seed)
+    method.eval()
+    with train.autocast(cfg.train.precision, device):
+        method.predict(test_x[: min(len(test_x), 8)], steps, solver, generator)  # warm-up
+        train.synchronize(device)
+        started = time.perf_counter()
+        for batch in test_x.split(cfg.eval.batch_size):
+            method.predict(batch, steps, solver, generator)
+        train.synchronize(device)
+    return len(test_x) / (time.perf_counter() - started)
+
+
+def first_reaching(history: Sequence[tuple[float, float]], target: float) -> float | None:
+    """Training time of the first (time, accuracy) evaluation at or above `target`, else None."""
+    return next((seconds for seconds, acc in history if acc >= target), None)
+
+
+def accuracy_history(client: MlflowClient, run_id: str) -> list[tuple[float, float]]:
+    """(train_time_s, test_acc) of each evaluated epoch of a logged training run."""
+    times = {m.step: m.value for m in client.get_metric_history(run_id, "train_time_s")}
+    accs = client.get_metric_history(run_id, "test_acc")
+    return [(times[m.step], m.value) for m in sorted(accs, key=lambda m: m.step)]
+
+
+def time_to_target(
+    cfg: DictConfig,
+    choices: dict[str, str],
+    row: Row,
+    train_images: int,
+    budget_s: float,
+    parent_run_id: str,
+) -> None:
+    """Train as many epochs as `budget_s` allows at the measured throughput; fill in `row`."""
+    epoch_s = train_images / row.train_img_s
+    if epoch_s > 1.5 * budget_s:
+        row.notes.append(
+            f"time to target skipped: one epoch takes ~{epoch_s:.0f} s, more than the "
+            f"{budget_s:.0f} s budget; lower --train-size or raise --time-budget-s"
+        )
+        return
+    cfg.train.epochs = max(1, math.floor(budget_s / epoch_s))
+    cfg.eval.every = 1
+    if "pictures" in cfg.eval:  # the pictures of a run are not part of its speed
+        cfg.eval.pictures = False
+    os.environ[PARENT_RUN_ENV] = parent_run_id
+    try:
+        train.run(cfg, choices)
+    finally:
+        del os.environ[PARENT_RUN_ENV]
+    run_id = mlflow.last_active_run().info.run_id
+    history = accuracy_history(MlflowClient(cfg.mlflow.tracking_uri), run_id)
+    row.best_acc = max(acc for _, acc in history)
+    row.time_to_target_s = first_reaching(history, row.target_acc)
+    if row.time_to_target_s is None:
+        row.notes.append(
+            f"target not reached in {history[-1][0]:.0f} s ({cfg.train.epochs} epochs), "
+            f"best {row.best_acc:.2f}%"
+        )
+    row.notes.append(f"training run {run_id}")
+
+
+def peak_memory(row: Row, device: torch.device) -> None:
+    if device.type == "cuda":
+        row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+        row.memory = "peak device memory allocated in training"
+    else:  # ru_maxrss is in KiB on Linux
+        row.peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        row.memory = "peak host memory (process RSS so far)"
+
+
+def bench_variant(variant: str, args: argparse.Namespace, parent_run_id: str) -> Row:
+    cfg, choices = compose_config(variant_overrides(variant, args))
+    device = resolve_device(Device(cfg.device).value)
+    row = Row(variant, target_acc=args.target_acc.get(variant))
+    torch.manual_seed(cfg.seed)
+    assembled = assemble(cfg, device)
+    if cfg.train.compile:
+        train.compile_networks(assembled.method)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        row.resident_gb = torch.cuda.memory_allocated(device) / 1e9
+    row.train_img_s = training_throughput(
+        assembled, cfg, device, args.warmup_steps, args.train_steps
+    )
+    peak_memory(row, device)
+    train_images, test_images = len(assembled.data.train_y), len(assembled.data.test_y)
+    images = min(args.infer_images or test_images, test_images)
+    for steps in args.infer_steps:
+        try:
+            row.infer_img_s[steps] = inference_throughput(assembled, cfg, device, steps, images)
+        except ValueError as err:  # a method that cannot infer with this many steps says why
+            row.infer_img_s[steps] = None
+            row.notes.append(f"{steps} steps: n/a ({str(err).split(':')[0]})")
+    row.notes.append(f"inference over {images} test images")
+    del assembled
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.smoke or args.time_budget_s <= 0:
+        row.notes.append("time to target not measured (--smoke or --time-budget-s 0)")
+    elif row.target_acc is None:
+        row.notes.append(f"no target accuracy: pass --target-acc {variant}=ACC")
+    else:
+        time_to_target(cfg, choices, row, train_images, args.time_budget_s, parent_run_id)
+    return row
+
+
+def variant_overrides(variant: str, args: argparse.Namespace) -> list[str]:
+    """Hydra overrides of one variant's run: the options, then the user's `--override`s."""
+    overrides = [
+        f"variant={variant}",
+        f"device={args.device}",
+        f"train.batch_size={args.batch_size}",
+        f"mlflow.tracking_uri={args.tracking_uri}",
+        f"mlflow.experiment_name={EXPERIMENT}",
+        "mlflow.log_model=false",
+        "dataset=synthetic" if args.smoke else "dataset=mnist",
+    ]
+    if args.data_root and not args.smoke:
+        overrides.append(f"dataset.root={args.data_root}")
+    if args.train_size:
+        overrides.append(f"dataset.train_size={args.train_size}")
+    for override in args.override:
+        key = override.split("=", 1)[0]
+        scope, setting = override.split(":", 1) if ":" in key else (variant, override)
+        if scope == variant:
+            overrides.append(setting)
+    return overrides
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table; numbers to 3 significant figures, missing ones as n/a."""
+
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return " ".join(str(value).split()).replace("|", "\\|")  # one line, no column breaks
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], machine: dict[str, str], command: str) -> tuple[pd.DataFrame, str]:
+    frame = pd.DataFrame([row.flat() for row in rows])
+    header = [
+        "# noprop-bench",
+        "",
+        *(f"- {key}: {value}" for key, value in machine.items()),
+        f"- command: `{command}`",
+        "",
+    ]
+    return frame, "\n".join(header) + markdown_table(frame) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="noprop-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", help="comma-separated (default: every conf/variant/*.yaml)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: the config's)")
+    parser.add_argument("--train-size", type=int, help="training images (default: all)")
+    parser.add_argument("--batch-size", type=int, help="training batch (default 128; smoke 32)")
+    parser.add_argument(
+        "--target-acc",
+        action="append",
+        default=[],
+        metavar="VARIANT=ACC",
+        help=f"test accuracy (%%) to reach; defaults {DEFAULT_TARGETS}",
+    )
+    parser.add_argument("--time-budget-s", type=float, default=120.0, help="0: skip that part")
+    parser.add_argument("--smoke", action="store_true", help="CI-sized: synthetic data, seconds")
+    parser.add_argument("--out", default="noprop-bench", help="writes OUT.csv and OUT.md")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="[VARIANT:]KEY=VALUE",
+        help="Hydra override for every variant, or only VARIANT's, e.g. train.precision=bf16",
+    )
+    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3; smoke 1)")
+    parser.add_argument("--train-steps", type=int, help="timed steps (default 20; smoke 2)")
+    parser.add_argument("--infer-steps", default="10,1000", help="comma-separated step counts")
+    parser.add_argument("--infer-images", type=int, help="default: the test set (smoke 16)")
+    args = parser.parse_args(argv)
+
+    known = available_variants()
+    args.variants = args.variants.split(",") if args.variants else known
+    unknown = sorted(set(args.variants) - set(known))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {known}")
+    targets = dict(DEFAULT_TARGETS)
+    for item in args.target_acc:
+        name, _, value = item.partition("=")
+        try:
+            targets[name] = float(value)
+        except ValueError:
+            parser.error(f"--target-acc takes VARIANT=ACC, e.g. dt=99.4; got {item!r}")
+    args.target_acc = targets
+    args.infer_steps = [int(s) for s in args.infer_steps.split(",")]
+    small, full = (32, 1, 2, 16), (128, 3, 20, None)
+    defaults = small if args.smoke else full
+    for name, default in zip(
+        ("batch_size", "warmup_steps", "train_steps", "infer_images"), defaults, strict=True
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """noprop-bench: training and inference speed of each variant; see the module docstring."""
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    machine = describe_machine(device)
+    command = shlex.join(["noprop-bench", *(sys.argv[1:] if argv is None else argv)])
+    client = MlflowClient(args.tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    bench_run = client.create_run(experiment_id, run_name=f"noprop-bench {machine['gpu']}")
+    run_id = bench_run.info.run_id
+    rows, failed = [], []
+    try:
+        for variant in args.variants:
+            print(f"noprop-bench: {variant} ...", file=sys.stderr, flush=True)
+            try:
+                rows.append(bench_variant(variant, args, run_id))
+            except Exception as err:  # one broken variant must not hide the others' figures
+                traceback.print_exc()
+                failed.append(variant)
+                rows.append(Row(variant, notes=[f"failed: {type(err).__name__}: {err}"]))
+        frame, markdown = report(rows, machine, command)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out.with_suffix(".csv"), index=False)
+        out.with_suffix(".md").write_text(markdown)
+        print(markdown)
+        log_to_mlflow(client, run_id, rows, machine, args, out)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    if failed:
+        raise SystemExit(f"noprop-bench: failed for {', '.join(failed)} (see the notes column)")
+
+
+def log_to_mlflow(
+    client: MlflowClient,
+    run_id: str,
+    rows: list[Row],
+    machine: dict[str, str],
+    args: argparse.Namespace,
+    out: Path,
+) -> None:
+    """The machine and options as params, every figure as metric `<variant>/<column>`."""
+    params = machine | {
+        "variants": ",".join(args.variants),
+        "batch_size": args.batch_size,
+        "smoke": args.smoke,
+        "overrides": " ".join(args.override) or "none",
+        "time_budget_s": args.time_budget_s,
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value)[:500])
+    for row in rows:
+        for column, value in row.flat().items():
+            if isinstance(value, float) and math.isfinite(value):
+                client.log_metric(run_id, f"{row.variant}/{column}", value)
+    for suffix in (".csv", ".md"):
+        client.log_artifact(run_id, str(out.with_suffix(suffix)))
+
+
+if __name__ == "__main__":
+    main()

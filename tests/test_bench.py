@@ -1,0 +1,184 @@
+"""noprop-bench, and the speed switches it measures (fused optimiser, bf16 autocast, compile)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from noprop_exp import bench
+from noprop_exp.assemble import assemble
+from noprop_exp.train import compile_networks, make_optimizer, train_step
+from tests.conftest import CONF_DIR
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_smoke_run_prints_the_table_and_records_it(tmp_path, tracking_uri, capsys):
+    out = tmp_path / "results" / "bench"
+    options = ["--variants", "dt", "--device", "cpu", "--out", str(out)]
+    bench.main(["--smoke", *options, "--tracking-uri", tracking_uri])
+    printed = capsys.readouterr().out
+    columns = ["variant", "train_img_s", "infer_img_s_10", "infer_img_s_1000", "target_acc"]
+    columns += ["time_to_target_s", "best_acc", "peak_mem_gb", "memory", "resident_gb", "notes"]
+    assert "| " + " | ".join(columns) + " |" in printed
+    assert "\n| dt | " in printed
+    assert "- cpu: " in printed and "- torch: " in printed
+
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert table["variant"].tolist() == ["dt"]
+    row = table.iloc[0]
+    assert row["train_img_s"] > 0 and row["infer_img_s_10"] > 0 and row["peak_mem_gb"] > 0
+    assert math.isnan(row["infer_img_s_1000"])  # DT infers with its 10 blocks only
+    assert "infers with its 10 blocks" in row["notes"]
+    assert math.isnan(row["time_to_target_s"])  # not measured in a smoke run
+    assert row["memory"].startswith("peak host memory")
+    assert out.with_suffix(".md").read_text().startswith("# noprop-bench")
+
+    client = MlflowClient(tracking_uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("noprop-bench").experiment_id])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.metrics["dt/train_img_s"] == pytest.approx(row["train_img_s"])
+    assert logged.data.params["gpu"] == "none" and logged.data.params["torch"] == torch.__version__
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"bench.csv", "bench.md"}
+
+
+def test_variants_default_to_every_config_and_unknown_ones_fail():
+    assert bench.parse_args([]).variants == sorted(p.stem for p in CONF_DIR.glob("variant/*.yaml"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "dt,nosuch"])
+
+
+def test_overrides_apply_to_every_variant_or_to_the_one_named():
+    args = bench.parse_args(
+        ["--override", "train.precision=bf16", "--override", "dt:variant.method.fused=true"]
+    )
+    for_dt, for_ct = bench.variant_overrides("dt", args), bench.variant_overrides("ct", args)
+    assert "train.precision=bf16" in for_dt and "train.precision=bf16" in for_ct
+    assert "variant.method.fused=true" in for_dt and "variant.method.fused=true" not in for_ct
+    assert "dataset=mnist" in for_dt and "train.batch_size=128" in for_dt
+
+
+def test_first_reaching_takes_the_earliest_evaluation_at_or_above_the_target():
+    history = [(10.0, 97.0), (20.0, 98.5), (30.0, 98.2), (40.0, 99.1)]
+    assert bench.first_reaching(history, 98.5) == 20.0
+    assert bench.first_reaching(history, 99.0) == 40.0
+    assert bench.first_reaching(history, 99.5) is None
+
+
+def test_time_to_target_is_read_from_an_ordinary_training_run(tiny_config, tracking_uri):
+    cfg, choices = tiny_config(
+        "variant.method.num_blocks=2", "dataset.train_size=128", "dataset.test_size=64"
+    )
+    row = bench.Row("dt", train_img_s=128 / 5.0, target_acc=0.0)  # 5 s per epoch
+    bench.time_to_target(cfg, choices, row, 128, budget_s=10.0, parent_run_id="parent-id")
+
+    client = MlflowClient(tracking_uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("noprop").experiment_id])
+    assert logged.data.tags["mlflow.parentRunId"] == "parent-id"
+    assert logged.data.params["train.epochs"] == "2"  # the budget's worth of epochs
+    first_time = client.get_metric_history(logged.info.run_id, "train_time_s")[0].value
+    assert row.time_to_target_s == first_time  # target 0%: reached at the first evaluation
+    accs = [m.value for m in client.get_metric_history(logged.info.run_id, "test_acc")]
+    assert len(accs) == 2 and row.best_acc == max(accs)
+
+
+def test_time_to_target_is_skipped_when_one_epoch_exceeds_the_budget(tiny_config):
+    cfg, choices = tiny_config()
+    row = bench.Row("dt", train_img_s=1.0, target_acc=99.0)
+    bench.time_to_target(cfg, choices, row, 512, budget_s=10.0, parent_run_id="unused")
+    assert row.time_to_target_s is None and "skipped" in row.notes[0]
+
+
+@pytest.fixture
+def fused_dt(tiny_config):
+    cfg, _ = tiny_config("variant.method.fused=true", "variant.method.num_blocks=2")
+    torch.manual_seed(0)
+    return cfg, assemble(cfg, torch.device("cpu"))
+
+
+def test_optimiser_is_fused_unless_switched_off(fused_dt):
+    cfg, parts = fused_dt
+    assert make_optimizer(cfg.train, parts.method).defaults["fused"] is True
+    cfg.train.fused_optimizer = False
+    assert not make_optimizer(cfg.train, parts.method).defaults["fused"]
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+)
+def test_precision_sets_the_forward_dtype_only(fused_dt, precision, dtype):
+    cfg, parts = fused_dt
+    method = parts.method
+    seen = []
+    method.blocks.head[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    optimizer = make_optimizer(cfg.train, method)
+    loss, _ = train_step(
+        method, optimizer, parts.data.train_x[:16], parts.data.train_y[:16], precision
+    )
+    assert seen == [dtype] and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in method.parameters())
+    assert all(s.dtype == torch.float32 for s in optimizer.state[method.head.weight].values())
+
+
+def test_compile_switch_compiles_each_network_in_place(fused_dt, tiny_config, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    method = fused_dt[1].method
+    compile_networks(method)
+    assert compiled == [method.blocks, method.head]  # the one-hot embedding has no parameters
+
+    cfg, _ = tiny_config("variant.method.num_blocks=2", "embedding=learned")
+    sequential = assemble(cfg, torch.device("cpu")).method
+    compiled.clear()
+    compile_networks(sequential)
+    assert compiled == [sequential.embedding, *sequential.blocks, sequential.head]
+
+
+@pytest.mark.slow
+def test_compiled_fused_step_matches_eager(tiny_config):
+    """train.compile=true computes the same losses (inductor on the CPU: minutes to compile).
+
+    Dropout off: compiled code draws its dropout masks with its own generator."""
+    losses = []
+    for compile_ in (False, True):
+        cfg, _ = tiny_config(
+            "variant.method.fused=true", "variant.method.num_blocks=2", "backbone.dropout=0.0"
+        )
+        torch.manual_seed(0)
+        parts = assemble(cfg, torch.device("cpu"))
+        if compile_:
+            compile_networks(parts.method)
+        optimizer = make_optimizer(cfg.train, parts.method)
+        x, y = parts.data.train_x[:32], parts.data.train_y[:32]
+        torch.manual_seed(1)
+        losses.append([train_step(parts.method, optimizer, x, y, "fp32")[0] for _ in range(2)])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_bf16_fused_step_on_cuda(tiny_config):
+    cfg, _ = tiny_config("device=cuda", "variant.method.fused=true", "train.precision=bf16")
+    torch.manual_seed(0)
+    parts = assemble(cfg, torch.device("cuda"))
+    optimizer = make_optimizer(cfg.train, parts.method)
+    assert optimizer.defaults["fused"] is True
+    before = parts.method.blocks.head[6].weight.detach().clone()
+    loss, _ = train_step(
+        parts.method, optimizer, parts.data.train_x[:64], parts.data.train_y[:64], "bf16"
+    )
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, parts.method.blocks.head[6].weight)
+
+
+@needs_cuda
+def test_cuda_smoke_bench_reports_device_memory(tmp_path, tracking_uri):
+    out = tmp_path / "bench"
+    options = ["--variants", "dt", "--device", "cuda", "--override", "dt:variant.method.fused=true"]
+    bench.main(["--smoke", *options, "--out", str(out), "--tracking-uri", tracking_uri])
+    row = pd.read_csv(out.with_suffix(".csv")).iloc[0]
+    assert row["memory"] == "peak device memory allocated in training"
+    assert 0 < row["resident_gb"] < row["peak_mem_gb"]

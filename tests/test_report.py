@@ -1,0 +1,181 @@
+"""noprop-report on hand-made runs: statistics against direct computation, tables that keep
+every paper cell (missing ones shown as missing), figures with one panel per dataset."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PolyCollection
+
+from noprop_exp.report import (
+    MISSING,
+    build_report,
+    latex,
+    markdown,
+    pooled_mean_se,
+    tidy_runs,
+    wide_table1,
+    wide_table2,
+    write_report,
+)
+
+
+def test_pooled_se_equals_the_se_of_all_inference_runs_taken_together():
+    rng = np.random.default_rng(0)
+    # 3 seeds with 5, 5 and 2 inference runs each; what a run logs is their mean and s.e.
+    scores = [rng.normal(97 + seed, 0.5, size=r) for seed, r in enumerate([5, 5, 2])]
+    means = [s.mean() for s in scores]
+    ses = [s.std(ddof=1) / math.sqrt(len(s)) for s in scores]
+    mean, se = pooled_mean_se(means, ses, [len(s) for s in scores])
+    everything = np.concatenate(scores)
+    assert mean == pytest.approx(everything.mean())
+    assert se == pytest.approx(everything.std(ddof=1) / math.sqrt(len(everything)))
+
+
+def test_pooled_se_of_single_inference_runs_is_the_se_over_seeds_and_of_one_value_nan():
+    mean, se = pooled_mean_se([90.0, 92.0, 97.0], [0.0, 0.0, 0.0], [1, 1, 1])
+    assert (mean, se) == pytest.approx((93.0, np.std([90, 92, 97], ddof=1) / math.sqrt(3)))
+    mean, se = pooled_mean_se([90.0], [0.0], [1])
+    assert mean == 90.0 and math.isnan(se)
+
+
+def raw_runs() -> pd.DataFrame:
+    """What `mlflow.search_runs` returns: dotted column names, strings for params."""
+    rows = []
+
+    def add(run_id, variant, embedding, dataset, seed, acc, se=0.1, time=0, **extra):
+        rows.append(
+            {
+                "run_id": run_id,
+                "start_time": pd.Timestamp("2025-01-01") + pd.Timedelta(minutes=time),
+                "tags.variant": variant,
+                "tags.embedding": embedding,
+                "tags.dataset": dataset,
+                "params.seed": str(seed),
+                "params.eval.repeats": "5",
+                "params.embedding.dim": extra.pop("dim", None),
+                "metrics.test_acc": acc,
+                "metrics.test_acc_se": se,
+                "metrics.peak_mem_gb": extra.pop("mem", np.nan),
+                **{f"metrics.{k}": v for k, v in extra.items()},
+            }
+        )
+
+    for seed in range(3):
+        add(f"dt{seed}", "dt", "onehot", "mnist", seed, 99.0 + seed / 10, mem=0.5 + seed / 100)
+        add(
+            f"ct{seed}", "ct", "onehot", "cifar10", seed, 70.0 + seed, test_acc_steps_10=60.0 + seed
+        )
+    add("ct-mnist", "ct", "onehot", "mnist", 0, 97.0, test_acc_steps_10=95.0)
+    add("old", "dt", "onehot", "mnist", 0, 10.0, time=-5)  # replaced by dt0, which is newer
+    add("d32", "fm", "learned", "synthetic", 0, 80.0, dim="32")  # not the paper's d = 20
+    add("newvariant", "zz", "onehot", "mnist", 0, 50.0)
+    rows.append({"run_id": "parent", "start_time": pd.Timestamp("2025-01-01"), "tags.sweep": "s"})
+    return pd.DataFrame(rows)
+
+
+def test_tidy_runs_keeps_training_runs_and_the_latest_run_per_seed():
+    runs = tidy_runs(raw_runs())
+    assert "parent" not in set(runs.run_id) and "old" not in set(runs.run_id)
+    assert len(runs) == 9  # 3 dt, 3 ct cifar10, ct mnist, fm d=32, zz
+    assert set(runs.embedding) == {"onehot", "learned-d32"}
+    assert runs.loc[runs.run_id == "dt0", "seed"].item() == 0
+
+
+def cell(table: pd.DataFrame, variant, embedding, dataset) -> pd.Series:
+    match = (table.variant == variant) & (table.embedding == embedding) & (table.dataset == dataset)
+    assert match.sum() == 1
+    return table[match].iloc[0]
+
+
+def test_table1_keeps_every_paper_cell_and_places_ours_and_the_papers():
+    report = build_report(tidy_runs(raw_runs()), pd.DataFrame(columns=["run_id"]))
+    long = report.tables["table1"]
+    dt = cell(long, "dt", "onehot", "mnist")
+    assert dt.test_acc == pytest.approx(99.1) and dt.seeds == 3 and dt.inference_runs == 15
+    assert dt.paper == 99.47
+    assert cell(long, "dt", "prototype", "cifar10").paper == 80.54
+    assert math.isnan(cell(long, "dt", "prototype", "cifar10").test_acc)  # no run: missing
+    assert cell(long, "adjoint", "onehot", "cifar100").paper == 25.03
+    assert math.isnan(cell(long, "fm", "learned-d32", "synthetic").paper)  # not in the paper
+    # 13 paper rows + 2 of ours (fm learned d=32, variant zz), x 4 datasets (3 + synthetic).
+    assert len(long) == 15 * 4
+
+    wide = wide_table1(long)
+    assert list(wide.columns[:2]) == ["MNIST ours", "MNIST paper"]
+    assert wide.index[0] == ("Backprop", "one-hot") and wide.index[-1] == ("zz", "one-hot")
+    assert wide.loc[("NoProp-DT", "one-hot"), "MNIST paper"] == "99.47"
+    assert wide.loc[("NoProp-DT", "one-hot"), "MNIST ours"].startswith("99.10 ± ")
+    assert wide.loc[("NoProp-DT", "prototype"), "CIFAR-10 ours"] == MISSING
+    assert wide.loc[("NoProp-FM", "learned-d32"), "synthetic paper"] == MISSING
+
+
+def test_table2_shows_cpu_runs_memory_as_missing():
+    report = build_report(tidy_runs(raw_runs()), pd.DataFrame(columns=["run_id"]))
+    long = report.tables["table2"]
+    assert cell(long.assign(embedding="onehot"), "dt", "onehot", "mnist").peak_mem_gb == (
+        pytest.approx(0.51)
+    )
+    wide = wide_table2(long)
+    assert wide.loc[("NoProp-CT",), "CIFAR-10 ours"] == MISSING  # ran, but logged no memory
+    assert wide.loc[("NoProp-CT",), "CIFAR-10 paper"] == "0.45"
+    assert wide.loc[("Adjoint",), "CIFAR-100 paper"] == "6.45"
+
+
+def test_markdown_and_latex_have_a_row_per_table_row():
+    wide = wide_table1(build_report(tidy_runs(raw_runs()), pd.DataFrame()).tables["table1"])
+    lines = markdown(wide).splitlines()
+    assert lines[0].startswith("| method | embedding | MNIST ours | MNIST paper |")
+    assert len(lines) == 2 + len(wide)
+    tex = latex(wide, "caption")
+    assert r"$\pm$" in tex and "±" not in tex
+    assert tex.count(r"\\") == 1 + len(wide)
+
+
+def histories(runs: pd.DataFrame) -> pd.DataFrame:
+    """Three evaluated epochs per run; accuracy rises by the seed, time by the epoch."""
+    rows = [
+        (r.run_id, epoch, 10.0 * epoch + r.seed, r.test_acc - 3 + epoch)
+        for r in runs.itertuples()
+        for epoch in (1, 2, 3)
+    ]
+    return pd.DataFrame(rows, columns=["run_id", "epoch", "train_time_s", "test_acc"])
+
+
+def test_figure3_has_a_panel_per_dataset_a_line_per_variant_and_a_min_max_band(tmp_path):
+    runs = tidy_runs(raw_runs())
+    report = build_report(runs, histories(runs))
+    figure = report.figures["figure3"]
+    # One-hot runs only: datasets mnist and cifar10 (the d=32 synthetic run is left out).
+    assert [ax.get_title() for ax in figure.axes] == ["MNIST", "CIFAR-10"]
+    mnist, cifar10 = figure.axes
+    assert len([line for line in mnist.lines if len(line.get_xdata())]) == 3  # dt, ct, zz
+    (ct_line,) = [line for line in cifar10.lines if len(line.get_xdata())]
+    # ct on cifar10: seeds 0, 1, 2 at acc 70, 71, 72 (-3 + epoch); time 10 * epoch + seed.
+    assert list(ct_line.get_xdata()) == pytest.approx([11.0, 21.0, 31.0])
+    assert list(ct_line.get_ydata()) == pytest.approx([69.0, 70.0, 71.0])
+    (band,) = [c for c in cifar10.collections if isinstance(c, PolyCollection)]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(68.0) and ys.max() == pytest.approx(72.0)
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["NoProp-DT", "NoProp-CT", "zz"]
+
+    files = write_report(report, tmp_path)
+    names = {f.name for f in files}
+    assert {"figure3.png", "figure3.pdf", "table1.md", "table1.csv", "table1.tex"} <= names
+    assert {"table2.md", "steps.png", "steps.md", "runs.csv"} <= names
+    csv = pd.read_csv(tmp_path / "table1.csv")
+    assert csv.test_acc.isna().sum() == report.tables["table1"].test_acc.isna().sum()
+    assert MISSING in (tmp_path / "table1.md").read_text()
+
+
+def test_steps_study_averages_over_seeds():
+    report = build_report(tidy_runs(raw_runs()), pd.DataFrame())
+    steps = report.tables["steps"]
+    ct = cell(steps, "ct", "onehot", "cifar10")
+    assert ct.steps == 10 and ct.test_acc == pytest.approx(61.0)
+    assert ct.test_acc_se == pytest.approx(1.0 / math.sqrt(3))  # std of 60, 61, 62 is 1
+    assert [ax.get_title() for ax in report.figures["steps"].axes] == ["MNIST", "CIFAR-10"]

@@ -1,0 +1,366 @@
+"""Sweeps: one MLflow parent run per Hydra multirun, each job its child, whichever launcher runs
+the jobs; failed jobs fail the parent and nothing else; a real tracking server over HTTP; the
+sweep files, launcher configs and Docker files that users run."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
+from omegaconf import open_dict
+
+from noprop_exp.report import report_from_mlflow
+from noprop_exp.sweep import SweepParentRun, sweep_overrides
+from noprop_exp.tracking import PARENT_RUN_ENV
+from noprop_exp.train import run
+from tests.conftest import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "sweeps"
+# Tiny jobs: a second or two each once Python has started.
+TINY_JOB = [
+    "dataset=synthetic",
+    "dataset.train_size=128",
+    "dataset.test_size=64",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "device=cpu",
+    "eval.pictures=false",
+    "mlflow.log_model=false",
+]
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store whose tables exist: creating them takes seconds, copying does not."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_store) -> str:
+    """The tracking URI of a fresh, empty MLflow store in tmp_path."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def multirun(tmp_path: Path, tracking_uri: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`noprop-train -m` in a subprocess, run from tmp_path (so artifacts land there)."""
+    command = [
+        sys.executable,
+        "-m",
+        "noprop_exp.train",
+        "-m",
+        *TINY_JOB,
+        f"mlflow.tracking_uri={tracking_uri}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *overrides,
+    ]
+    # One thread per job: these jobs are too small to gain from more, and on a busy machine
+    # extra threads only wait for each other.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def parent_and_children(tracking_uri: str):
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("noprop").experiment_id])
+    parents = [r for r in runs if "sweep" in r.data.tags]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    children = [r for r in runs if r.info.run_id != parents[0].info.run_id]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    return parents[0], sorted(children, key=lambda r: r.data.params["train.lr"])
+
+
+@pytest.mark.parametrize("launcher", ["basic", "parallel", "slurm_local"])
+def test_a_failed_job_fails_the_parent_by_name_and_leaves_the_others_finished(
+    tmp_path, store, launcher
+):
+    # Job #0's loss overflows (FloatingPointError inside its MLflow run); job #1 is healthy
+    # and, with the basic launcher, runs in the same process right after the failure.
+    result = multirun(tmp_path, store, f"hydra/launcher={launcher}", "train.lr=1e30,1e-3")
+    assert result.returncode != 0  # Hydra reports the failed job once all jobs have returned
+    assert "FloatingPointError" in result.stderr
+
+    parent, (healthy, overflowing) = parent_and_children(store)
+    assert (healthy.data.params["train.lr"], healthy.info.status) == ("0.001", "FINISHED")
+    assert (overflowing.data.params["train.lr"], overflowing.info.status) == ("1e+30", "FAILED")
+    assert "test_acc" in healthy.data.metrics
+    assert parent.info.status == "FAILED" and parent.info.end_time is not None
+    assert parent.data.tags["failed_jobs"].startswith("#0 train.lr=1e+30: FloatingPointError")
+    assert "#1" not in parent.data.tags["failed_jobs"]
+    assert parent.data.tags["job.1"] == "COMPLETED: train.lr=0.001"
+    assert parent.data.tags["sweep.launcher"] == launcher
+    assert parent.data.params["train.lr"] == "1e30,1e-3"
+    assert parent.data.params["dataset"] == "synthetic"
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_callback_makes_jobs_children_only_while_they_run(tmp_path, store, one_thread):
+    """In one process, as with the basic launcher: a job is a child; a run after it is not."""
+    overrides = [*TINY_JOB, f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", overrides=[*overrides, "seed=0"], return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.job.num = 0
+        job_cfg = config.copy()
+        del job_cfg["hydra"]
+    choices = {k: v for k, v in config.hydra.runtime.choices.items() if v is not None}
+    assert PARENT_RUN_ENV not in os.environ
+
+    callback = SweepParentRun()
+    callback.on_multirun_start(config)
+    callback.on_job_start(config, task_function=None)
+    assert os.environ[PARENT_RUN_ENV] == callback.parent_run_id
+    run(job_cfg, choices)
+    callback.on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
+    assert PARENT_RUN_ENV not in os.environ
+    parent_id = callback.parent_run_id
+    run(job_cfg, choices)  # outside the sweep's jobs
+    callback.on_multirun_end(config)
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("noprop").experiment_id])
+    parent, job, outside = sorted(runs, key=lambda r: r.info.start_time)
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    assert job.data.tags["mlflow.parentRunId"] == parent_id
+    assert "mlflow.parentRunId" not in outside.data.tags
+
+
+def test_a_sweep_stopped_before_its_end_fails_its_parent(tmp_path, store):
+    """Ctrl-C or a launcher error: Hydra never calls on_multirun_end; the atexit hook ends it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose(
+            "config",
+            [f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path}"],
+            return_hydra_config=True,
+        )
+    callback = SweepParentRun()
+    callback.on_multirun_start(config)
+    parent_id = callback.parent_run_id
+    atexit.unregister(callback.end_if_open)  # this test calls it itself
+    callback.end_if_open()
+    parent = MlflowClient(store).get_run(parent_id)
+    assert parent.info.status == "FAILED" and parent.info.end_time is not None
+    assert "stopped early" in parent.data.tags["mlflow.note.content"]
+
+
+def test_sweep_overrides_take_the_sweep_file_then_the_command_line():
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        config = GlobalHydra.instance().hydra.compose_config(
+            "figure3_small",
+            [f"hydra.searchpath=[file://{CONF_DIR}]", "seed=3", "train.lr=0.01,0.1"],
+            run_mode=RunMode.MULTIRUN,
+        )
+    overrides, swept = sweep_overrides(config)
+    assert overrides["seed"] == "3"  # the command line wins over the file's 0,1
+    assert overrides["dataset"] == "mnist,synthetic"
+    assert overrides["train.lr"] == "0.01,0.1"
+    assert swept == ["experiment", "dataset", "train.lr"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port, sqlite-backed, always stopped."""
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"),
+        *("--artifacts-destination", str(tmp_path / "server-artifacts")),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()
+                    )
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: our own group
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_server):
+    result = multirun(tmp_path, mlflow_server, "seed=0,1")
+    assert result.returncode == 0, result.stderr
+    parent, children = parent_and_children(mlflow_server)
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "sweep config seed=0,1"
+    assert parent.data.params["seed"] == "0,1" and parent.data.params["train.epochs"] == "1"
+    assert parent.data.tags["sweep"] == "config"
+    assert parent.data.tags["sweep.dir"] == str(tmp_path / "sweep")
+    assert parent.data.tags["mlflow.note.content"] == "2 jobs returned, 0 failed"
+    assert "failed_jobs" not in parent.data.tags
+
+    report = report_from_mlflow(mlflow_server, tmp_path / "report", sweeps=["config"])
+    # One panel per dataset (here the synthetic one), one line per variant.
+    (panel,) = report.figures["figure3"].axes
+    assert panel.get_title() == "synthetic"
+    assert len([line for line in panel.lines if len(line.get_xdata())]) == 1
+    table1 = report.tables["table1"].set_index(["variant", "embedding", "dataset"])
+    ours = table1.loc[("dt", "onehot", "synthetic")]
+    assert (ours.seeds, ours.inference_runs) == (2, 2)
+    assert ours.test_acc == pytest.approx(sum(c.data.metrics["test_acc"] for c in children) / 2)
+    assert table1.loc[("dt", "onehot", "mnist"), "paper"] == 99.47
+    assert table1.loc[("fm", "prototype", "cifar100"), "paper"] == 37.57
+    assert len(table1.loc[("dt", slice(None), slice(None))]) == 3 * 4  # 3 embeddings x datasets
+    markdown = (tmp_path / "report" / "table1.md").read_text()
+    assert "| NoProp-DT | one-hot | — | 99.47 |" in markdown
+    table2 = (tmp_path / "report" / "table2.md").read_text()
+    assert "| NoProp-DT | — | 0.49 |" in table2  # CPU runs: memory missing, paper beside
+    logged = MlflowClient(mlflow_server).list_artifacts(parent.info.run_id, "report")
+    assert {"report/figure3.png", "report/table1.md", "report/table2.csv"} <= {
+        a.path for a in logged
+    }
+
+
+# ---- the files users run: sweep files, launcher configs, Docker ----------------------------
+
+
+SWEEP_FILES = sorted(SWEEPS.glob("*.yaml"))
+
+
+def compose_sweep(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        return compose(
+            name,
+            overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
+            return_hydra_config=True,
+        )
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_every_job_of_every_sweep_file_composes_and_its_command_is_documented(path):
+    text = path.read_text()
+    assert f"noprop-train -m -cd sweeps -cn {path.stem}\n" in text
+    assert f"noprop-report --sweep {path.stem} --out reports/{path.stem}\n" in text
+    params = compose_sweep(path.stem, []).hydra.sweeper.params
+    values = {key: [v.strip() for v in str(value).split(",")] for key, value in params.items()}
+    values.pop("seed")  # seeds do not change what is composed
+    for combination in itertools.product(*values.values()):
+        overrides = [f"{key}={value}" for key, value in zip(values, combination, strict=True)]
+        config = compose_sweep(path.stem, overrides)
+        assert config.variant.name in {"backprop", "dt", "adjoint", "ct", "fm"}
+
+
+def test_each_paper_sweep_has_a_small_variant_of_the_same_shape():
+    full = [p.stem for p in SWEEP_FILES if not p.stem.endswith("_small")]
+    assert sorted(full) == ["figure3", "steps", "table1", "table2"]
+    for name in full:
+        big = compose_sweep(name, []).hydra.sweeper.params
+        small = compose_sweep(f"{name}_small", []).hydra.sweeper.params
+        assert set(big) <= set(small), name
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("parallel", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+        ("slurm_local", "hydra_submitit_launcher.submitit_launcher.LocalLauncher"),
+        ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ],
+)
+def test_launcher_configs_extend_the_plugins(launcher, target):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert config.hydra.launcher._target_ == f"hydra_plugins.{target}"
+    if launcher != "parallel":
+        assert config.hydra.launcher.gpus_per_node == 1
+        assert config.hydra.launcher.timeout_min >= 24 * 60
+
+
+def test_compose_file_wires_trainer_to_the_postgres_backed_mlflow_server():
+    compose_file = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    services = compose_file["services"]
+    assert set(services) == {"postgres", "mlflow", "trainer"}
+    postgres = services["postgres"]["environment"]
+    server = services["mlflow"]["command"]
+    assert server[:2] == ["mlflow", "server"]
+    backend = server[server.index("--backend-store-uri") + 1]
+    assert backend == (
+        f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+        f"@postgres:5432/{postgres['POSTGRES_DB']}"
+    )
+    assert "--serve-artifacts" in server and "--artifacts-destination" in server
+    port = server[server.index("--port") + 1]
+    assert services["mlflow"]["ports"] == [f"{port}:{port}"]
+    allowed = server[server.index("--allowed-hosts") + 1].split(",")
+    assert f"mlflow:{port}" in allowed
+
+    trainer = services["trainer"]
+    assert f"mlflow.tracking_uri=http://mlflow:{port}" in trainer["command"]
+    assert trainer["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    sweep = trainer["command"][trainer["command"].index("-cn") + 1]
+    assert (SWEEPS / f"{sweep}.yaml").is_file()
+    (gpu,) = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    for service in ("mlflow", "trainer"):
+        assert services[service]["build"]["context"] == ".."
+        assert f" AS {services[service]['build']['target']}\n" in dockerfile
+
+
+def test_the_image_installs_the_suite_with_the_command_ci_uses():
+    def suite_install(text: str) -> list[str]:
+        """The words of the one `pip install ... -e ...` command in a shell or Docker file."""
+        lines = text.replace("\\\n", " ").splitlines()
+        (line,) = [line for line in lines if "pip install" in line and " -e " in line]
+        return shlex.split(line[line.index("python3 -m pip install") :])
+
+    ci = suite_install((REPO / ".ci" / "run").read_text())
+    assert ci[-2:] == ["-e", ".[test]"] and ".ci/constraints.txt" in ci
+    assert suite_install((REPO / "docker" / "Dockerfile").read_text()) == ci
