@@ -26,7 +26,7 @@ from tqdm import tqdm
 from noprop_exp.assemble import assemble, resolve_device
 from noprop_exp.config import Device, OptimizerName, Precision  # importing registers the schema
 from noprop_exp.data import minibatches
-from noprop_exp.evaluation import accuracy
+from noprop_exp.evaluation import Accuracy, accuracy
 from noprop_exp.pictures import log_pictures
 from noprop_exp.tracking import tracked_run
 from noprop_exp.variants.base import Diagnostics, Method
@@ -121,6 +121,19 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def test_accuracy(num_steps: int) -> Accuracy:
+        with autocast(cfg.train.precision, device):
+            return accuracy(
+                method,
+                data.test_x,
+                data.test_y,
+                num_steps,
+                solver,
+                cfg.eval.batch_size,
+                cfg.eval.repeats,
+                cfg.eval.seed,
+            )
+
     with tracked_run(cfg, choices) as tracker:
         log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
         progress = tqdm(total=cfg.train.epochs * batches_per_epoch, disable=None, unit="batch")
@@ -148,17 +161,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
             if device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
-                with autocast(cfg.train.precision, device):
-                    result = accuracy(
-                        method,
-                        data.test_x,
-                        data.test_y,
-                        steps,
-                        solver,
-                        cfg.eval.batch_size,
-                        cfg.eval.repeats,
-                        cfg.eval.seed,
-                    )
+                result = test_accuracy(steps)
                 metrics |= {"test_acc": result.mean, "test_acc_se": result.se}
                 metrics |= method.diagnostics()
                 history.append(
@@ -180,17 +183,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         if cfg.eval.steps_sweep:
             by_steps = []
             for n in cfg.eval.steps_sweep:
-                with autocast(cfg.train.precision, device):
-                    result = accuracy(
-                        method,
-                        data.test_x,
-                        data.test_y,
-                        n,
-                        solver,
-                        cfg.eval.batch_size,
-                        cfg.eval.repeats,
-                        cfg.eval.seed,
-                    )
+                result = test_accuracy(n)
                 by_steps.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
                 metrics[f"test_acc_steps_{n}"] = result.mean
             tracker.log_metrics(
