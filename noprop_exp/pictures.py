@@ -45,7 +45,7 @@ from noprop_exp.assemble import Assembled, resolve_device
 from noprop_exp.embeddings import LabelEmbedding
 from noprop_exp.evaluation import accuracy, load_logged_run
 from noprop_exp.solvers import SOLVERS, Solver
-from noprop_exp.variants.base import Method, sample_q
+from noprop_exp.variants.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +92,6 @@ def shown_steps(steps: int) -> list[int]:
     return sorted({round(i * steps / 10) for i in range(11)})
 
 
-def _capture_block_logits(method: Method) -> tuple[list[list[Tensor]], list]:
-    """Forward hooks that record each DT block's logits when the trajectory calls it.
-
-    Hooks, rather than a copy of DT's inference loop here, so that the chain measured is exactly
-    the one `trajectory` runs, whatever the solver.
-    """
-    captured: list[list[Tensor]] = [[] for _ in method.blocks]
-    handles = [
-        block.register_forward_hook(lambda _m, _in, out, t=t: captured[t].append(out))
-        for t, block in enumerate(method.blocks)
-    ]
-    return captured, handles
-
-
 @torch.no_grad()
 def step_accuracy(
     method: Method,
@@ -116,55 +102,36 @@ def step_accuracy(
     batch_size: int,
     seed: int,
 ) -> StepAccuracy:
-    """One pass of inference over (images, labels), read out at every step; DT's block checks.
+    """One pass of inference over (images, labels), read out at every step, with the method's
+    own checks (`Method.inference_diagnostics`; DT's per-block read-outs).
 
     Inference draws its noise as `evaluation.accuracy` does with the same seed and batch size,
-    so the last read-out is the run's `test_acc`; the DT checks draw theirs from a second
-    generator. The checks that draw z_{t-1} from q use the labels to build q's samples: they are
-    diagnostics of how each block was trained, not inference (which never sees a label).
+    so the last read-out is the run's `test_acc`; the checks draw theirs from a second
+    generator.
     """
     method.eval()
     generator = torch.Generator(device=images.device).manual_seed(seed)
     check_generator = torch.Generator(device=images.device).manual_seed(seed + 1)
-    is_dt = method.name == "dt"
-    num_blocks = len(method.blocks) if is_dt else 0
     readout_hits = torch.zeros(steps + 1, device=images.device)
-    chain_hits = torch.zeros(num_blocks, device=images.device)
-    q_hits = torch.zeros(num_blocks, device=images.device)
-    noise_hits = torch.zeros((), device=images.device)
+    check_hits: dict[str, Tensor] = {}
     predictions = []
     for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-        captured, handles = _capture_block_logits(method) if is_dt else ([], [])
-        try:
-            scores = method.trajectory(x, steps, solver, generator)
-        finally:
-            for handle in handles:
-                handle.remove()
+        scores, checks = method.inference_diagnostics(
+            x, y, steps, solver, generator, check_generator
+        )
         readout_hits += (scores.argmax(-1) == y).sum(1)
         predictions.append(scores[-1].argmax(-1))
-        if not is_dt:
-            continue
-        if any(len(calls) != 1 for calls in captured):
-            raise RuntimeError(
-                "the per-block diagnostics expect each DT block to be called once per inference "
-                f"step; calls per block were {[len(c) for c in captured]}"
-            )
-        u_y = method.embedding(y)
-        for t in range(1, num_blocks + 1):
-            chain_hits[t - 1] += (captured[t - 1][0].argmax(-1) == y).sum()
-            z_prev = sample_q(u_y, method.alpha_bars[t - 1], check_generator)
-            q_hits[t - 1] += (method.blocks[t - 1](z_prev, x).argmax(-1) == y).sum()
-        noise = torch.randn(u_y.shape, device=x.device, generator=check_generator)
-        noise_hits += (method.blocks[-1](noise, x).argmax(-1) == y).sum()
+        for name, correct in checks.items():
+            check_hits[name] = check_hits.get(name, 0) + correct.sum(1)
 
     def percent(hits: Tensor) -> list[float]:
         return (100.0 * hits / len(labels)).tolist()
 
     result = StepAccuracy(percent(readout_hits), torch.cat(predictions))
-    if is_dt:
-        result.block_chain = percent(chain_hits)
-        result.block_q = percent(q_hits)
-        result.last_block_noise = percent(noise_hits)
+    if check_hits:
+        result.block_chain = percent(check_hits["block_acc_chain"])
+        result.block_q = percent(check_hits["block_acc_q"])
+        (result.last_block_noise,) = percent(check_hits["last_block_noise_acc"])
     return result
 
 

@@ -35,6 +35,8 @@ class Method(nn.Module):
     """Base class of the five methods; subclasses set `name` and implement the four methods."""
 
     name: str = "method"
+    # What one inference step is called in pictures: DT's steps are its blocks.
+    step_unit: str = "step"
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         """Losses for one minibatch, each minimised by its own optimiser step, in order.
@@ -61,6 +63,23 @@ class Method(nn.Module):
     ) -> Tensor:
         """Class scores read out at every step of inference: (steps + 1, B, m), noise first."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def inference_diagnostics(
+        self,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        solver: Solver,
+        generator: torch.Generator | None = None,
+        check_generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The trajectory `trajectory(x, ...)` gives (inference itself never sees y), and the
+        method's own checks of it against the labels: name -> (K, B) bool, whether each of K
+        internal predictors gets each example right. Random draws of the checks come from
+        `check_generator`, so the trajectory is the one `trajectory` draws with `generator`.
+        Methods without internal predictors have no checks."""
+        return self.trajectory(x, steps, solver, generator), {}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Optimiser parameter groups; a method may exempt some parameters from weight decay."""

@@ -34,6 +34,7 @@ class NoPropDT(Method):
     """
 
     name = "dt"
+    step_unit = "block"
 
     def __init__(
         self,
@@ -131,3 +132,53 @@ class NoPropDT(Method):
             z = solver.step(dynamics, z, grid[t - 1], grid[t], generator)
             scores.append(self.readout(z))
         return torch.stack(scores)
+
+    @torch.no_grad()
+    def inference_diagnostics(
+        self,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        solver: Solver,
+        generator: torch.Generator | None = None,
+        check_generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The trajectory, and each block's own argmax (T, B) against y:
+        `block_acc_chain` given z_{t-1} from the inference chain, `block_acc_q` given
+        z_{t-1} ~ q(z_{t-1} | y) as in training, and `last_block_noise_acc` (1, B): block T given
+        z ~ N(0, I) (is it a plain classifier of x?). The q draws use the labels: they check how
+        each block was trained, not inference."""
+        # Hooks, rather than a copy of the inference loop, so the chain checked is exactly the
+        # one `trajectory` runs, whatever the solver.
+        captured: list[list[Tensor]] = [[] for _ in self.blocks]
+        handles = [
+            block.register_forward_hook(lambda _m, _in, out, t=t: captured[t].append(out))
+            for t, block in enumerate(self.blocks)
+        ]
+        try:
+            scores = self.trajectory(x, steps, solver, generator)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(len(calls) != 1 for calls in captured):
+            raise RuntimeError(
+                "the per-block checks expect each DT block to be called once per inference "
+                f"step; calls per block were {[len(c) for c in captured]}"
+            )
+        u_y = self.embedding(y)
+        chain = torch.stack([calls[0].argmax(-1) == y for calls in captured])
+        q = torch.stack(
+            [
+                self.blocks[t](sample_q(u_y, self.alpha_bars[t], check_generator), x).argmax(-1)
+                == y
+                for t in range(self.num_blocks)
+            ]
+        )
+        noise = torch.randn(u_y.shape, device=x.device, generator=check_generator)
+        last_on_noise = (self.blocks[-1](noise, x).argmax(-1) == y).unsqueeze(0)
+        checks = {
+            "block_acc_chain": chain,
+            "block_acc_q": q,
+            "last_block_noise_acc": last_on_noise,
+        }
+        return scores, checks
