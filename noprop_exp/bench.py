@@ -51,7 +51,7 @@ from omegaconf import DictConfig, open_dict
 
 from noprop_exp import train
 from noprop_exp.assemble import Assembled, assemble, resolve_device
-from noprop_exp.config import Device
+from noprop_exp.config import Device, default_tracking_uri
 from noprop_exp.data import minibatches
 from noprop_exp.tracking import PARENT_RUN_ENV
 
@@ -335,7 +335,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget-s", type=float, default=120.0, help="0: skip that part")
     parser.add_argument("--smoke", action="store_true", help="CI-sized: synthetic data, seconds")
     parser.add_argument("--out", default="noprop-bench", help="writes OUT.csv and OUT.md")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--tracking-uri",
+        default=default_tracking_uri(),
+        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     parser.add_argument(
         "--override",
         action="append",

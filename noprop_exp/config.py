@@ -9,6 +9,7 @@ halfway through a run. Config groups that build objects (`dataset`, `backbone`, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -58,12 +59,27 @@ class EvalConfig:
     pictures: bool = True  # at the end: predictions, trajectories, per-block accuracy (pictures.py)
 
 
+# Where every command records and reads runs unless told otherwise: $MLFLOW_TRACKING_URI, else a
+# SQLite file in the working directory. Runs and reading commands share this one default.
+LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI
+
+
 @dataclass
 class MLflowConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = f"${{oc.env:MLFLOW_TRACKING_URI,{LOCAL_TRACKING_URI}}}"
     experiment_name: str = "noprop"
     run_name: str | None = None
     log_model: bool = True
+
+
+@dataclass
+class PathsConfig:
+    # Datasets are read from (and downloaded into) <data_root>/MNIST, /cifar-10-batches-py, ...
+    data_root: str = "${oc.env:NOPROP_DATA_DIR,./data}"
 
 
 @dataclass
@@ -80,6 +96,7 @@ class NoPropConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     variant: VariantConfig = field(default_factory=VariantConfig)
     dataset: Any = MISSING
     backbone: Any = MISSING

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from noprop_exp.assemble import Assembled, assemble, resolve_device
+from noprop_exp.config import default_tracking_uri
 from noprop_exp.solvers import Solver
 from noprop_exp.variants.base import Method
 
@@ -89,7 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     """noprop-eval: test accuracy of a logged run's trained model."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("run_id")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--tracking-uri",
+        default=default_tracking_uri(),
+        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
     parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
     parser.add_argument("--repeats", type=int, default=1)

@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from noprop_exp.assemble import Assembled, resolve_device
+from noprop_exp.config import default_tracking_uri
 from noprop_exp.embeddings import LabelEmbedding
 from noprop_exp.evaluation import accuracy, load_logged_run
 from noprop_exp.solvers import SOLVERS, Solver
@@ -514,7 +515,11 @@ def main(argv: list[str] | None = None) -> None:
     """noprop-pictures: draw a logged run's trained model and log the PNGs into that run."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("run_id")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--tracking-uri",
+        default=default_tracking_uri(),
+        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
     parser.add_argument("--out", type=Path, help="also keep the PNGs in this folder")
     parser.add_argument(

@@ -15,13 +15,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Small, fast settings for runs on the synthetic dataset.
-TINY = [
-    "dataset=synthetic",
-    "train.epochs=2",
-    "train.batch_size=64",
-    "eval.batch_size=256",
-    "device=cpu",
-]
+TINY = ["debug=tiny"]
 
 
 def compose_run_config(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from noprop_exp import data
 from noprop_exp.data import DatasetNotFoundError, minibatches
+from tests.conftest import compose_run_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 REAL_DATA = Path("/work/shared/data")
@@ -399,9 +400,8 @@ def test_dataset_config_matches_its_function(name: str) -> None:
 def test_dataset_configs_instantiate(fake_mnist, monkeypatch) -> None:
     root, _ = fake_mnist
     monkeypatch.setenv("NOPROP_DATA_DIR", str(root))
-    cfg = OmegaConf.load(CONF / "mnist.yaml")
-    assert cfg.root == str(root)
-    cfg.download = False
+    cfg = compose_run_config(["dataset=mnist", "dataset.download=false"])[0].dataset
+    assert cfg.root == str(root)  # paths.data_root reads NOPROP_DATA_DIR
     assert len(instantiate(cfg)(device="cpu").train_x) == 12
     synthetic = instantiate(OmegaConf.load(CONF / "synthetic.yaml"))(device="cpu")
     assert synthetic.train_x.shape == (512, 1, 16, 16)
