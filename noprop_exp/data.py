@@ -8,7 +8,11 @@ per step, which would otherwise dominate the cost of NoProp's cheap per-block up
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
+import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torchvision import datasets
-from torchvision.datasets.utils import extract_archive
 
 
 @dataclass
@@ -41,6 +44,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are not under the given root and could not be downloaded."""
 
 
+class CorruptDatasetError(RuntimeError):
+    """A dataset file exists but cannot be read: truncated or corrupted."""
+
+
 @dataclass(frozen=True)
 class _Source:
     """Where torchvision keeps one dataset on disk, and how to normalise it."""
@@ -62,13 +69,17 @@ class _Source:
         return [f for f in self.files if not present(f)]
 
     def decompress(self, root: Path) -> None:
-        """Unpack `<file>.gz` where only the compressed copy exists: torchvision reads raw files."""
+        """Unpack `<file>.gz` where the raw file is absent or older than the archive (a restored
+        archive replaces what an earlier one gave): torchvision reads raw files."""
         if not self.gzipped:
             return
         for file in self.files:
             path = root / self.folder / file
-            if not path.is_file():
-                extract_archive(str(path.with_name(file + ".gz")))
+            archive = path.with_name(file + ".gz")
+            if archive.is_file() and (
+                not path.is_file() or path.stat().st_mtime < archive.stat().st_mtime
+            ):
+                _gunzip_atomically(archive, path)
 
     def not_found_message(self, root: Path, missing: list[str], reason: str) -> str:
         suffix = " (each may be .gz compressed)" if self.gzipped else ""
@@ -193,8 +204,8 @@ def _load(
     for train, size in ((True, train_size), (False, test_size)):
         try:
             ds = source.dataset(str(root_path), train=train, download=False)
-        except RuntimeError as err:
-            raise RuntimeError(
+        except (RuntimeError, ValueError, EOFError, OSError) as err:
+            raise CorruptDatasetError(
                 f"{source.name} files in {root_path / source.folder} exist but could not be read "
                 f"({_summary(err)}); they may be incomplete or corrupted: delete them and "
                 f"download again (dataset.download=true)."
@@ -219,6 +230,23 @@ def _normalise(images: Tensor, source: _Source, device: str | torch.device) -> T
     mean = torch.tensor(source.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(source.std, device=x.device).view(1, -1, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def _gunzip_atomically(archive: Path, target: Path) -> None:
+    """Decompress into a temporary file beside `target`, renamed into place only when complete,
+    so an unreadable archive never leaves a partial file that later runs would trust."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with gzip.open(archive, "rb") as source, partial.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
+    except (OSError, EOFError, zlib.error) as err:
+        partial.unlink(missing_ok=True)
+        raise CorruptDatasetError(
+            f"{archive} could not be decompressed ({_summary(err)}): the archive is truncated "
+            f"or corrupted. Delete it and download it again (dataset.download=true), or copy a "
+            f"good one there."
+        ) from None
+    os.replace(partial, target)
 
 
 def _subset(

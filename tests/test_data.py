@@ -405,3 +405,35 @@ def test_dataset_configs_instantiate(fake_mnist, monkeypatch) -> None:
     assert len(instantiate(cfg)(device="cpu").train_x) == 12
     synthetic = instantiate(OmegaConf.load(CONF / "synthetic.yaml"))(device="cpu")
     assert synthetic.train_x.shape == (512, 1, 16, 16)
+
+
+def test_a_truncated_archive_is_named_leaves_no_partial_file_and_a_good_one_recovers(
+    fake_mnist,
+) -> None:
+    root, raw = fake_mnist
+    folder = root / "MNIST" / "raw"
+    archive = folder / "train-images-idx3-ubyte.gz"
+    good = archive.read_bytes()
+    archive.write_bytes(good[: len(good) // 2])
+    with pytest.raises(data.CorruptDatasetError, match="train-images-idx3-ubyte.gz") as failure:
+        data.mnist(str(root), download=False)
+    assert "truncated or corrupted" in str(failure.value)
+    # Nothing half-written is left for the next run to trust.
+    assert not (folder / "train-images-idx3-ubyte").exists()
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
+
+    archive.write_bytes(good)
+    splits = data.mnist(str(root), download=False)
+    assert splits.train_x.shape == (12, 1, 28, 28)
+
+
+def test_a_raw_file_older_than_its_restored_archive_is_extracted_again(fake_mnist) -> None:
+    """A partial raw file left by an earlier, interrupted extraction is replaced once the
+    archive is (re)written after it."""
+    root, raw = fake_mnist
+    raw_file = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    raw_file.write_bytes(b"")
+    os.utime(raw_file, (0, 0))
+    splits = data.mnist(str(root), download=False)
+    expected = torch.as_tensor(raw["train_x"]).float().div(255).sub(0.1307).div(0.3081)
+    torch.testing.assert_close(splits.train_x[:, 0], expected)
