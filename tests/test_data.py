@@ -410,12 +410,12 @@ def test_dataset_configs_instantiate(fake_mnist, monkeypatch) -> None:
 def test_a_truncated_archive_is_named_leaves_no_partial_file_and_a_good_one_recovers(
     fake_mnist,
 ) -> None:
-    root, raw = fake_mnist
+    root, _ = fake_mnist
     folder = root / "MNIST" / "raw"
     archive = folder / "train-images-idx3-ubyte.gz"
     good = archive.read_bytes()
     archive.write_bytes(good[: len(good) // 2])
-    with pytest.raises(data.CorruptDatasetError, match="train-images-idx3-ubyte.gz") as failure:
+    with pytest.raises(data.CorruptDatasetError, match=r"train-images-idx3-ubyte\.gz") as failure:
         data.mnist(str(root), download=False)
     assert "truncated or corrupted" in str(failure.value)
     # Nothing half-written is left for the next run to trust.
