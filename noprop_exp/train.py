@@ -27,7 +27,6 @@ from noprop_exp.assemble import assemble, resolve_device
 from noprop_exp.config import Device, OptimizerName, Precision  # importing registers the schema
 from noprop_exp.data import minibatches
 from noprop_exp.evaluation import Accuracy, accuracy_on_test
-from noprop_exp.pictures import log_pictures
 from noprop_exp.tracking import tracked_run
 from noprop_exp.variants.base import Diagnostics, Method
 
@@ -185,6 +184,9 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         if cfg.mlflow.log_model:
             tracker.log_state_dict(method)
         if cfg.eval.pictures:
+            # Imported here: matplotlib is loaded only by runs that draw.
+            from noprop_exp.pictures.logged import log_pictures
+
             log_pictures(cfg, run_parts, tracker.run_id)
     return metrics
 
