@@ -1,7 +1,8 @@
 """Test-set accuracy of a trained method, and re-building a logged run's model from MLflow.
 
 Inference goes through `Method.predict`, which takes images only: labels are used after the
-prediction, to count hits.
+prediction, to count hits. `accuracy_on_test` is the one evaluation every command makes (training,
+`noprop-eval`, `noprop-pictures`): the `eval` config section says how.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from noprop_exp.assemble import Assembled, assemble, resolve_device
 from noprop_exp.config import default_tracking_uri
+from noprop_exp.data import DataSplits
 from noprop_exp.solvers import Solver
 from noprop_exp.variants.base import Method
 
@@ -26,7 +28,6 @@ from noprop_exp.variants.base import Method
 class Accuracy:
     mean: float  # percent
     se: float  # standard error over inference repeats, percent (0 for a single repeat)
-    per_repeat: list[float]
 
 
 @torch.no_grad()
@@ -65,9 +66,26 @@ def accuracy(
         scores.append(100.0 * (predicted == labels).float().mean().item())
     mean = sum(scores) / repeats
     if repeats == 1:
-        return Accuracy(mean, 0.0, scores)
+        return Accuracy(mean, 0.0)
     variance = sum((s - mean) ** 2 for s in scores) / (repeats - 1)
-    return Accuracy(mean, math.sqrt(variance / repeats), scores)
+    return Accuracy(mean, math.sqrt(variance / repeats))
+
+
+def accuracy_on_test(
+    method: Method, data: DataSplits, eval_cfg: DictConfig, steps: int, solver: Solver
+) -> Accuracy:
+    """Accuracy on the test split with `steps` steps of `solver`, in batches of
+    `eval_cfg.batch_size`, over `eval_cfg.repeats` inference runs seeded from `eval_cfg.seed`."""
+    return accuracy(
+        method,
+        data.test_x,
+        data.test_y,
+        steps,
+        solver,
+        eval_cfg.batch_size,
+        eval_cfg.repeats,
+        eval_cfg.seed,
+    )
 
 
 def load_logged_run(
@@ -105,16 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
     )
     steps = args.steps or cfg.eval.steps or run.method.default_steps()
-    result = accuracy(
-        run.method,
-        run.data.test_x,
-        run.data.test_y,
-        steps,
-        run.solver,
-        cfg.eval.batch_size,
-        args.repeats,
-        args.seed,
-    )
+    cfg.eval.repeats, cfg.eval.seed = args.repeats, args.seed  # the command's, not the run's
+    result = accuracy_on_test(run.method, run.data, cfg.eval, steps, run.solver)
     print(
         f"{args.run_id}: test accuracy {result.mean:.2f}% +- {result.se:.2f} "
         f"({args.repeats} inference runs, {steps} steps, {len(run.data.test_y)} images)"

@@ -26,8 +26,7 @@ from tqdm import tqdm
 from noprop_exp.assemble import assemble, resolve_device
 from noprop_exp.config import Device, OptimizerName, Precision  # importing registers the schema
 from noprop_exp.data import minibatches
-from noprop_exp.evaluation import Accuracy, accuracy
-from noprop_exp.pictures import log_pictures
+from noprop_exp.evaluation import Accuracy, accuracy_on_test
 from noprop_exp.tracking import tracked_run
 from noprop_exp.variants.base import Diagnostics, Method
 
@@ -123,16 +122,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
 
     def test_accuracy(num_steps: int) -> Accuracy:
         with autocast(cfg.train.precision, device):
-            return accuracy(
-                method,
-                data.test_x,
-                data.test_y,
-                num_steps,
-                solver,
-                cfg.eval.batch_size,
-                cfg.eval.repeats,
-                cfg.eval.seed,
-            )
+            return accuracy_on_test(method, data, cfg.eval, num_steps, solver)
 
     with tracked_run(cfg, choices) as tracker:
         log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
@@ -194,6 +184,9 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         if cfg.mlflow.log_model:
             tracker.log_state_dict(method)
         if cfg.eval.pictures:
+            # Imported here: matplotlib is loaded only by runs that draw.
+            from noprop_exp.pictures.logged import log_pictures
+
             log_pictures(cfg, run_parts, tracker.run_id)
     return metrics
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import math
 import re
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +25,20 @@ from matplotlib.patches import Rectangle
 from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
-from noprop_exp import pictures
 from noprop_exp.assemble import Assembled, assemble
 from noprop_exp.data import DataSplits, synthetic
 from noprop_exp.embeddings import LabelEmbedding, PrototypeEmbedding
 from noprop_exp.evaluation import accuracy
+from noprop_exp.pictures import cli, figures, measures
+from noprop_exp.pictures import logged as logged_pictures  # `logged`: the fixture
 from noprop_exp.schedules import posterior_coefficients
 from noprop_exp.solvers import DDIMSolver, PosteriorSolver
 from noprop_exp.train import run
 from noprop_exp.variants.base import Method
 from tests.conftest import TINY, compose_run_config
 
-RED = to_rgba(pictures.WRONG)
+RED = to_rgba(figures.WRONG)
+REPO = Path(__file__).resolve().parents[1]
 STEMS = {"predictions", "trajectories", "accuracy_by_step", "accuracy_vs_steps", "embedding"}
 
 
@@ -43,7 +47,7 @@ class Logged:
     uri: str
     run_id: str
     trained_metrics: dict[str, float]  # the run's metrics before the command ran
-    made: pictures.Pictures  # what the command drew
+    made: logged_pictures.Pictures  # what the command drew
     out: Path  # the command's --out folder
     printed: str  # the command's output
 
@@ -75,12 +79,14 @@ def logged(tmp_path_factory) -> Logged:
 
     made, printed = [], io.StringIO()
     with pytest.MonkeyPatch.context() as patch, redirect_stdout(printed):
-        original = pictures.log_pictures  # keep the command's figures for inspection
+        original = logged_pictures.log_pictures  # keep the command's figures for inspection
         patch.setattr(
-            pictures, "log_pictures", lambda *a, **k: made.append(original(*a, **k)) or made[-1]
+            logged_pictures,
+            "log_pictures",
+            lambda *a, **k: made.append(original(*a, **k)) or made[-1],
         )
         argv = [run_id, "--tracking-uri", uri, "--device", "cpu", "--out", str(folder / "out")]
-        pictures.main([*argv, "--solvers", "posterior", "ddim"])
+        cli.main([*argv, "--solvers", "posterior", "ddim"])
     return Logged(uri, run_id, logged_run.data.metrics, made[0], folder / "out", printed.getvalue())
 
 
@@ -123,7 +129,7 @@ def test_prediction_grid_marks_exactly_the_wrong_ones_in_red():
     labels = torch.arange(10)
     predicted = labels.clone()
     predicted[[2, 7]] = torch.tensor([5, 0])
-    figure = pictures.prediction_grid(images, labels, predicted, "test")
+    figure = figures.prediction_grid(images, labels, predicted, "test")
     assert len(figure.axes) == 10
     red = [i for i, ax in enumerate(figure.axes) if to_rgba(ax.title.get_color()) == RED]
     assert red == [2, 7]
@@ -136,7 +142,7 @@ def test_prediction_grid_marks_exactly_the_wrong_ones_in_red():
 
 def test_prediction_grid_of_the_logged_run_is_consistent(logged):
     figure = logged.made.figures["predictions"]
-    assert len(figure.axes) == pictures.GRID_ROWS * pictures.GRID_COLUMNS
+    assert len(figure.axes) == figures.GRID_ROWS * figures.GRID_COLUMNS
     wrong = 0
     for ax in figure.axes:
         predicted, true = map(
@@ -149,7 +155,7 @@ def test_prediction_grid_of_the_logged_run_is_consistent(logged):
 
 def test_trajectory_heat_maps_show_probabilities_per_block_with_the_true_class_framed(logged):
     figure = logged.made.figures["trajectories"]
-    count = pictures.TRAJECTORY_IMAGES
+    count = figures.TRAJECTORY_IMAGES
     assert len(figure.axes) == 2 * count + 1  # image + heat-map per image, one colour bar
     heat_maps = figure.axes[1 : 2 * count : 2]
     for image_ax, ax in zip(figure.axes[0 : 2 * count : 2], heat_maps, strict=True):
@@ -196,7 +202,7 @@ def test_learned_embedding_is_projected_by_pca(logged):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(10, 20, generator=generator) * torch.linspace(3, 0.1, 20)
     embedding = LabelEmbedding(weight, (20,), trainable=True)
-    (points,) = pictures.embedding_figure(embedding, "test").axes[0].collections
+    (points,) = figures.embedding_figure(embedding, "test").axes[0].collections
     centred = weight.double().numpy() - weight.double().numpy().mean(0)
     _, vectors = np.linalg.eigh(centred.T @ centred)
     expected = centred @ vectors[:, ::-1][:, :2]
@@ -209,7 +215,7 @@ def test_learned_embedding_is_projected_by_pca(logged):
 def test_prototype_rows_are_drawn_as_images_and_onehot_is_skipped(compose_config):
     data = synthetic(train_size=80, test_size=8)
     prototypes = PrototypeEmbedding.from_data(data, per_class=8)
-    figure = pictures.embedding_figure(prototypes, "test")
+    figure = figures.embedding_figure(prototypes, "test")
     assert len(figure.axes) == 10
     for c, ax in enumerate(figure.axes):
         assert ax.get_title() == f"class {c}"
@@ -218,8 +224,8 @@ def test_prototype_rows_are_drawn_as_images_and_onehot_is_skipped(compose_config
         np.testing.assert_allclose(ax.images[0].get_array(), stretched.numpy(), atol=1e-6)
     cfg, _ = compose_config([*TINY, "variant.method.num_blocks=2", "dataset.test_size=32"])
     onehot = assemble(cfg, torch.device("cpu"))
-    assert pictures.embedding_figure(onehot.method.embedding, "test") is None
-    made = pictures.make_pictures(cfg, onehot, step_sweep={})
+    assert figures.embedding_figure(onehot.method.embedding, "test") is None
+    made = logged_pictures.make_pictures(cfg, onehot, step_sweep={})
     assert set(made.figures) == STEMS - {"embedding", "accuracy_vs_steps"}
     assert "one-hot" in made.notes["embedding"]
     assert "no step sweep" in made.notes["accuracy_vs_steps"]
@@ -267,7 +273,7 @@ def stub_dt(compose_config):
 def test_blocks_that_read_only_z_are_right_only_where_z_holds_the_label(stub_dt):
     method, images, labels = stub_dt
     method.blocks = nn.ModuleList(ReadsZ() for _ in range(3))
-    result = pictures.step_accuracy(method, images, labels, 3, PosteriorSolver(), 1000, 0)
+    result = measures.step_accuracy(method, images, labels, 3, PosteriorSolver(), 1000, 0)
     alpha_bars = method.alpha_bars.tolist()
     for t in (1, 2, 3):  # z_{t-1} ~ q: signal sqrt(ab), noise sqrt(1 - ab)
         ab = alpha_bars[t - 1]
@@ -282,7 +288,7 @@ def test_blocks_that_read_only_z_are_right_only_where_z_holds_the_label(stub_dt)
 def test_blocks_that_classify_x_are_right_everywhere_even_on_pure_noise(stub_dt):
     method, images, labels = stub_dt
     method.blocks = nn.ModuleList(ReadsX() for _ in range(3))
-    result = pictures.step_accuracy(method, images, labels, 3, PosteriorSolver(), 1000, 0)
+    result = measures.step_accuracy(method, images, labels, 3, PosteriorSolver(), 1000, 0)
     assert result.block_chain == result.block_q == [100.0, 100.0, 100.0]
     assert result.last_block_noise == 100.0
     assert result.readout[-1] == 100.0
@@ -296,7 +302,7 @@ def test_chain_accuracies_match_a_chain_run_by_hand(tiny_config):
     parts = assemble(cfg, torch.device("cpu"))
     method, x, y = parts.method, parts.data.test_x, parts.data.test_y
     solver = PosteriorSolver(deterministic=True)  # after z_0, no randomness
-    result = pictures.step_accuracy(method, x, y, 3, solver, 1000, seed=5)
+    result = measures.step_accuracy(method, x, y, 3, solver, 1000, seed=5)
 
     method.eval()
     with torch.no_grad():
@@ -336,9 +342,11 @@ def test_long_solves_are_shown_at_eleven_steps_without_block_diagnostics(compose
     images = torch.nn.functional.one_hot(labels, 16).float().view(-1, 1, 4, 4)
     data = DataSplits("onehots", images, labels, images, labels, 10)
     cfg, _ = compose_config([*TINY])
-    made = pictures.make_pictures(cfg, Assembled(data, ClassifiesGradually(), DDIMSolver()), {})
+    made = logged_pictures.make_pictures(
+        cfg, Assembled(data, ClassifiesGradually(), DDIMSolver()), {}
+    )
     shown = list(range(0, 1001, 100))
-    assert pictures.shown_steps(1000) == shown
+    assert measures.shown_steps(1000) == shown
     # Step 0 scores all zero: argmax is class 0, right for the images of class 0 only.
     assert made.metrics["readout_acc_step_0"] == pytest.approx(100 * (labels == 0).float().mean())
     assert all(made.metrics[f"readout_acc_step_{k}"] == 100.0 for k in shown[1:])
@@ -376,9 +384,15 @@ def test_pictures_can_be_switched_off(logged):
     assert client.list_artifacts(logged_run.info.run_id, "pictures") == []
     assert "block_acc_chain_1" not in logged_run.data.metrics
     with pytest.raises(SystemExit, match="no logged weights"):
-        pictures.main([logged_run.info.run_id, "--tracking-uri", logged.uri])
+        cli.main([logged_run.info.run_id, "--tracking-uri", logged.uri])
 
 
 def test_unknown_solver_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown solver 'rk4': choose from posterior, ddim"):
-        pictures._solver("rk4")
+        cli._solver("rk4")
+
+
+def test_importing_the_training_loop_loads_no_matplotlib():
+    # Only runs that draw pay for matplotlib: train.py imports the pictures when it makes them.
+    code = "import noprop_exp.train, sys; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,0 +1,82 @@
+"""`noprop-pictures RUN_ID`: draw a logged run's trained model again, from its run id alone,
+and log the pictures into that run (see `noprop_exp.pictures` for what is drawn)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from noprop_exp.assemble import resolve_device
+from noprop_exp.config import default_tracking_uri
+from noprop_exp.evaluation import load_logged_run
+from noprop_exp.pictures import logged
+from noprop_exp.solvers import SOLVERS, Solver
+
+
+def _solver(name: str) -> Solver:
+    by_name = {cls.name: cls for cls in SOLVERS}
+    if name not in by_name:
+        raise ValueError(f"unknown solver '{name}': choose from {', '.join(by_name)}")
+    return by_name[name]()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """noprop-pictures: draw a logged run's trained model and log the PNGs into that run."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_id")
+    parser.add_argument(
+        "--tracking-uri",
+        default=default_tracking_uri(),
+        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    parser.add_argument("--out", type=Path, help="also keep the PNGs in this folder")
+    parser.add_argument(
+        "--solvers",
+        nargs="+",
+        metavar="NAME",
+        help="evaluate the step sweep with these solvers (default: plot the run's logged sweep)",
+    )
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="step counts to evaluate (default: the run's eval.steps_sweep)",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    client = MlflowClient(args.tracking_uri)
+    if "model" not in {a.path for a in client.list_artifacts(args.run_id)}:
+        raise SystemExit(
+            f"run {args.run_id} has no logged weights (model/state_dict.pt): it was trained with "
+            f"mlflow.log_model=false or did not finish; pictures need the trained model"
+        )
+    cfg, run = load_logged_run(
+        args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
+    )
+    cfg.mlflow.tracking_uri = args.tracking_uri  # log where the run was read from
+    run.method.eval()  # before any inference: batch norm must not update its statistics
+    step_sweep = None
+    if args.solvers or args.steps:
+        solvers = [_solver(name) for name in args.solvers] if args.solvers else [run.solver]
+        step_counts = args.steps or list(cfg.eval.steps_sweep)
+        for solver in solvers:  # an unusable solver or step count fails before any work
+            for n in step_counts:
+                run.method.predict(run.data.test_x[:2], n, solver)
+        step_sweep = (
+            logged.evaluated_step_sweep(cfg, run, solvers, step_counts) if step_counts else {}
+        )
+    pictures = logged.log_pictures(cfg, run, args.run_id, step_sweep, args.out)
+    made = ", ".join(f"{logged.ARTIFACT_DIR}/{stem}.png" for stem in pictures.figures)
+    print(f"{args.run_id}: logged {made}")
+    for picture, note in pictures.notes.items():
+        print(f"  {picture}: {note}")
+    if args.out is not None:
+        print(f"  PNGs also in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
