@@ -2,7 +2,8 @@
 
 The loop asks a method for the losses of a minibatch and steps the optimiser on each; it knows
 nothing of blocks, schedules or solvers. `predict` and `trajectory` take no labels, so inference
-cannot read them.
+cannot read them. Also here: loss helpers shared by the methods and the baselines' choice of z_0;
+the label diffusion's maths is in `noprop_exp/diffusion.py`.
 """
 
 from __future__ import annotations
