@@ -1,8 +1,8 @@
-"""Label embeddings W (m x d), u_y = W[y] (spec section 5): one-hot, learned, prototype.
+"""Label embeddings W (m x d), u_y = W[y] (docs/NOPROP_SPEC.md §5): one-hot, learned, prototype.
 
 The same object serves every method: `forward` gives the targets u_y, `mix` turns class
-probabilities (or FM's unrestricted logits) into a point in z-space, `nearest` reads a class off
-a final z. For `prototype`, z is image-shaped so that it can go through a conv stem like x.
+probabilities (or FM's unrestricted logits) into a point in z-space. For `prototype`, z is
+image-shaped so that it can go through a conv stem like x.
 """
 
 from __future__ import annotations
@@ -48,11 +48,6 @@ class LabelEmbedding(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         """u_y for labels y (B,) -> (B, *z_shape)."""
         return self.weight[y].view(-1, *self.z_shape)
-
-    def nearest(self, z: Tensor) -> Tensor:
-        """Index (B,) of the row of W nearest to each z (B, *z_shape) in Euclidean distance."""
-        flat = z.reshape(len(z), -1).to(self.weight.dtype)
-        return torch.cdist(flat, self.weight).argmin(dim=1)
 
     def mix(self, probs: Tensor) -> Tensor:
         """probs (B, m) @ W, reshaped to (B, *z_shape); probs may be any real weights."""

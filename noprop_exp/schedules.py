@@ -1,9 +1,11 @@
-"""Noise schedules alpha_bar(t) on t in [0, 1] and the discrete posterior step (spec sections 2-3).
+"""Noise schedules alpha_bar(t) on t in [0, 1] (docs/NOPROP_SPEC.md §2-3).
 
 Time runs from noise (t = 0) to label (t = 1), so alpha_bar and SNR *increase* with t; every
 schedule here is built so that holds (for the learned one, for any parameter values). Subclasses
 define only alpha_bar (the learned schedule also gamma, for an exact SNR); derivatives come from
-autograd in the base class, so there is one place where SNR'(t) and alpha_bar'(t) are computed.
+autograd (`time_derivative`), so there is one place where SNR'(t) and alpha_bar'(t) are computed.
+What the schedule implies for the label diffusion (SNR, q's draws, the posterior step, the
+probability flow) lives in `noprop_exp/diffusion.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,20 @@ def _as_time(t: Tensor | float) -> Tensor:
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
+def time_derivative(fn: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    """d fn/dt for an elementwise function of time, by autograd. Keeps the graph to fn's
+    parameters when grad is enabled (so a learned schedule trains through it), none under
+    no_grad."""
+    # Read before enable_grad: at inference (no_grad) the result must not hold a graph.
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # t is treated as a constant input; fn is elementwise, so the gradient of the sum
+        # is the elementwise derivative.
+        t = _as_time(t).detach().requires_grad_(True)
+        (derivative,) = torch.autograd.grad(fn(t).sum(), t, create_graph=create_graph)
+    return derivative
+
+
 class NoiseSchedule(nn.Module):
     """alpha_bar(t) for continuous t in [0,1]; time runs from noise (t=0) to label (t=1), so
     alpha_bar and SNR increase with t. All methods are elementwise and accept t of any shape."""
@@ -29,29 +45,9 @@ class NoiseSchedule(nn.Module):
     def alpha_bar(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def snr(self, t: Tensor) -> Tensor:
-        ab = self.alpha_bar(t)
-        return ab / (1 - ab)
-
-    def snr_prime(self, t: Tensor) -> Tensor:
-        """d SNR/dt. Keeps the graph to the schedule's parameters when grad is enabled, so a
-        learned schedule is trained through the CT loss weight SNR'(t)."""
-        return self._time_derivative(self.snr, t)
-
     def alpha_bar_prime(self, t: Tensor) -> Tensor:
         """d alpha_bar/dt (the probability-flow ODE's rate)."""
-        return self._time_derivative(self.alpha_bar, t)
-
-    @staticmethod
-    def _time_derivative(fn: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
-        # Read before enable_grad: at inference (no_grad) the result must not hold a graph.
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            # t is treated as a constant input; fn is elementwise, so the gradient of the sum
-            # is the elementwise derivative.
-            t = _as_time(t).detach().requires_grad_(True)
-            (derivative,) = torch.autograd.grad(fn(t).sum(), t, create_graph=create_graph)
-        return derivative
+        return time_derivative(self.alpha_bar, t)
 
 
 def _check_alpha_range(alpha_min: float, alpha_max: float) -> None:
@@ -63,7 +59,8 @@ def _check_alpha_range(alpha_min: float, alpha_max: float) -> None:
 
 
 class CosineSchedule(NoiseSchedule):
-    """Nichol & Dhariwal's cosine schedule mirrored so t=0 is noise (spec section 2):
+    """Nichol & Dhariwal's cosine schedule mirrored so t=0 is noise
+    (docs/NOPROP_SPEC.md §2):
     alpha_bar(t) = cos^2((1 - t + delta) / (1 + delta) * pi/2), clamped to [alpha_min, alpha_max]
     (unclamped it is exactly 0 at t=0, where SNR and the PF-ODE are undefined)."""
 
@@ -102,7 +99,8 @@ def _inverse_softplus(x: float) -> float:
 
 
 class LearnedSchedule(NoiseSchedule):
-    """The learned schedule of Variational Diffusion Models, in this project's direction (spec §3).
+    """The learned schedule of Variational Diffusion Models, in this project's direction
+    (docs/NOPROP_SPEC.md §3).
 
     gamma_tilde(t) = softplus(s) t + softplus(W2) sigmoid(softplus(W1) t + b1) / hidden is a
     two-layer net with positive weights plus VDM's linear skip (which keeps
@@ -163,39 +161,3 @@ class LearnedSchedule(NoiseSchedule):
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         return torch.sigmoid(-self.gamma(t))
-
-    def snr(self, t: Tensor) -> Tensor:
-        return torch.exp(-self.gamma(t))
-
-
-def time_grid(
-    num_steps: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Tensor:
-    """t_k = k / num_steps for k = 0..num_steps: the grid shared by DT blocks and all solvers."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
-    return torch.arange(num_steps + 1, device=device, dtype=dtype or torch.float32) / num_steps
-
-
-def discrete_alpha_bars(schedule: NoiseSchedule, num_steps: int) -> Tensor:
-    """alpha_bar at t_k = k/num_steps, k = 0..num_steps (length num_steps+1), on the device of
-    the schedule's parameters (CPU for the fixed schedules, which have none)."""
-    param = next(schedule.parameters(), None)
-    return schedule.alpha_bar(time_grid(num_steps, None if param is None else param.device))
-
-
-def posterior_coefficients(
-    alpha_bar_prev: Tensor, alpha_bar_next: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(a, b, c) of q(z_t | z_{t-1}, y) = N(a u_y + b z_{t-1}, c I), spec §2, with
-    alpha_{t-1} = alpha_bar_{t-1}/alpha_bar_t. Elementwise, so whole grids work at once.
-
-    Needs alpha_bar_prev <= alpha_bar_next < 1; where they are equal (e.g. in a clamped end of
-    the cosine schedule) the step is the identity: a = 0, b = 1, c = 0.
-    """
-    alpha = alpha_bar_prev / alpha_bar_next
-    denominator = 1 - alpha_bar_prev
-    a = alpha_bar_next.sqrt() * (1 - alpha) / denominator
-    b = alpha.sqrt() * (1 - alpha_bar_next) / denominator
-    c = (1 - alpha_bar_next) * (1 - alpha) / denominator
-    return a, b, c

@@ -1,8 +1,10 @@
 """Samplers that carry z from noise (t = 0) to the label end (t = 1) on the grid t_k = k/N.
 
 A model hands a solver its `Dynamics`: a denoiser u_hat(z, t) with the schedule's alpha_bar
-(DT, CT) and/or a velocity v(z, t) (FM, or CT through `probability_flow`). Steps are written for
-a 0-dim t and z of any shape, and avoid host syncs so long solves stay on the device.
+(DT, CT) and/or a velocity v(z, t) (FM, or CT through `diffusion.probability_flow`). Solvers only
+integrate: the label diffusion's maths (the posterior step's coefficients, the time grid) comes
+from `noprop_exp/diffusion.py`. Steps are written for a 0-dim t and z of any shape, and avoid
+host syncs so long solves stay on the device.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from noprop_exp.schedules import NoiseSchedule, posterior_coefficients, time_grid
-
-Field = Callable[[Tensor, Tensor], Tensor]
+from noprop_exp.diffusion import Field, posterior_coefficients, time_grid
 
 # How each Dynamics field is named in error messages.
 _OFFERINGS = {"velocity": "a velocity", "denoise": "a denoiser", "alpha_bar": "a noise schedule"}
@@ -34,25 +34,6 @@ class Dynamics:
 
     def has(self, fields: tuple[str, ...]) -> bool:
         return all(getattr(self, field) is not None for field in fields)
-
-
-def probability_flow(
-    denoise: Field, schedule: NoiseSchedule, source: str = "the model"
-) -> Dynamics:
-    """Dynamics of NoProp-CT: velocity = PF-ODE of spec §3,
-    dz/dt = ab'(t)/(2(1-ab(t))) * (u_hat/sqrt(ab) - z), plus denoise and alpha_bar.
-
-    Why this ODE: for a known u the path z_t = sqrt(ab) u + sqrt(1-ab) eps has
-    dz/dt = ab'/(2 sqrt(ab)) u - ab'/(2 sqrt(1-ab)) eps; eliminating eps with the path itself
-    gives the formula, which is linear in u, so u_hat = E[u | z_t] gives the marginal flow.
-    """
-
-    def velocity(z: Tensor, t: Tensor) -> Tensor:
-        ab = schedule.alpha_bar(t)
-        rate = schedule.alpha_bar_prime(t) / (2 * (1 - ab))
-        return rate * (denoise(z, t) / ab.sqrt() - z)
-
-    return Dynamics(velocity=velocity, denoise=denoise, alpha_bar=schedule.alpha_bar, source=source)
 
 
 class Solver:
@@ -91,7 +72,8 @@ class Solver:
 
 
 class PosteriorSolver(Solver):
-    """z' = a u_hat + b z + sqrt(c) eps: a draw from q(z_t' | z_t, y = u_hat), spec §2.
+    """z' = a u_hat + b z + sqrt(c) eps: a draw from q(z_t' | z_t, y = u_hat),
+    docs/NOPROP_SPEC.md §2.
     With `deterministic`, eps = 0 (the posterior mean)."""
 
     name = "posterior"
@@ -122,7 +104,8 @@ class PosteriorSolver(Solver):
 
 
 class DDIMSolver(Solver):
-    """Deterministic DDIM (spec §3): keep the implied noise eps_hat, move to alpha_bar(t')."""
+    """Deterministic DDIM (docs/NOPROP_SPEC.md §3): keep the implied noise eps_hat, move to
+    alpha_bar(t')."""
 
     name = "ddim"
     requires = ("denoise", "alpha_bar")

@@ -1,4 +1,4 @@
-"""Label embeddings: W's initialisations, u_y, mix, nearest read-out, and the medoid prototypes."""
+"""Label embeddings: W's initialisations, u_y, mix, and the medoid prototypes."""
 
 from __future__ import annotations
 
@@ -61,18 +61,6 @@ def test_learned_from_data_follows_global_seed(small_data) -> None:
     assert torch.equal(a.weight, b.weight) and a.weight.requires_grad
 
 
-def test_nearest_matches_brute_force() -> None:
-    gen = torch.Generator().manual_seed(0)
-    emb = LearnedEmbedding(7, dim=5, generator=gen)
-    z = torch.randn(50, 5, generator=gen)
-    w = emb.weight.detach().tolist()
-    expected = []
-    for row in z.tolist():
-        dists = [sum((a - b) ** 2 for a, b in zip(row, w_c, strict=True)) for w_c in w]
-        expected.append(min(range(7), key=dists.__getitem__))
-    assert emb.nearest(z).tolist() == expected
-
-
 def test_mix_is_weights_times_w_and_reshaped(small_data) -> None:
     emb = PrototypeEmbedding.from_data(small_data, per_class=None)
     probs = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))  # unrestricted (FM)
@@ -133,7 +121,8 @@ def test_prototype_rows_are_the_medoid_images(small_data) -> None:
     assert isinstance(emb.weight, torch.nn.Parameter)
     y = torch.tensor([4, 4, 0])
     assert torch.equal(emb(y), small_data.train_x[index[y]])  # u_y is the image itself
-    assert emb.nearest(emb(y)).tolist() == [4, 4, 0]
+    # Distinct prototypes: each u_y is nearer its own row of W than any other.
+    assert torch.cdist(emb(y).flatten(1), emb.weight).argmin(1).tolist() == [4, 4, 0]
 
 
 @pytest.mark.parametrize(

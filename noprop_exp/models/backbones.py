@@ -96,8 +96,8 @@ def label_stem(
 ) -> nn.Module:
     """First layer of a label branch: FC for vector z, a conv stem like the image's for image z.
 
-    Prototype embeddings make z image-shaped (spec section 5), so z then goes through a copy of
-    the image backbone instead of a fully connected layer.
+    Prototype embeddings make z image-shaped (docs/NOPROP_SPEC.md §5), so z then goes through a
+    copy of the image backbone instead of a fully connected layer.
     """
     norm = "batchnorm" if batchnorm else "none"
     if len(z_shape) == 3:

@@ -17,14 +17,14 @@ Why not `torch.func.stack_module_state` + `vmap`: vmap cannot update BatchNorm's
 statistics in place (https://pytorch.org/docs/stable/func.batch_norm.html), and DT blocks need
 them at inference. vmap would also lower the convolutions to the same grouped convolutions.
 
-Every tensor of the stack is `torch.stack` of the T blocks' tensors of the same name, so state
-dicts convert both ways by stacking and indexing (`stack_block_states`, `fuse_dt_state_dict`).
+Every tensor of the stack is `torch.stack` of the T blocks' tensors of the same name: the
+stack's `<name>[t]` is block t's `<name>`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -262,15 +262,6 @@ class DTStack(nn.Module):
         image = run_block(self.image_branch, index, x)
         return run_block(self.head, index, torch.cat([image, h], dim=1))
 
-    def load_blocks(self, blocks: Sequence[DTBlock]) -> None:
-        """Copy the weights and running stats of T per-block modules into the stack."""
-        self.load_state_dict(stack_block_states([b.state_dict() for b in blocks]))
-
-    def store_blocks(self, blocks: Sequence[DTBlock]) -> None:
-        """Copy the stack's weights and running stats into T per-block modules."""
-        for block, state in zip(blocks, unstack_block_states(self.state_dict()), strict=True):
-            block.load_state_dict(state)
-
 
 class BlockView(nn.Module):
     """Block `index` of a `DTStack`, called like a DTBlock: (z, x) -> logits. Holds no weights."""
@@ -290,40 +281,3 @@ class BlockView(nn.Module):
 def _stack(tensors: Iterable[Tensor]) -> Tensor:
     """A new tensor holding copies of the blocks' tensors, block index first."""
     return torch.stack([t.detach() for t in tensors])
-
-
-def stack_block_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """T per-block state dicts (DTBlock) -> the state dict of their `DTStack`."""
-    return {name: torch.stack([state[name] for state in states]) for name in states[0]}
-
-
-def unstack_block_states(state: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
-    """A `DTStack` state dict -> T per-block state dicts (views into `state`'s tensors)."""
-    num_blocks = len(next(iter(state.values())))
-    return [{name: value[t] for name, value in state.items()} for t in range(num_blocks)]
-
-
-def fuse_dt_state_dict(state: Mapping[str, Tensor], prefix: str = "blocks.") -> dict[str, Tensor]:
-    """A NoPropDT state dict with `fused=false` (keys `blocks.<t>.<name>`) -> `fused=true`
-    (keys `blocks.<name>`, tensors stacked); other keys unchanged."""
-    rest, per_block = {}, {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            index, name = key[len(prefix) :].split(".", 1)
-            per_block.setdefault(int(index), {})[name] = value
-        else:
-            rest[key] = value
-    stacked = stack_block_states([per_block[t] for t in sorted(per_block)])
-    return rest | {prefix + name: value for name, value in stacked.items()}
-
-
-def unfuse_dt_state_dict(state: Mapping[str, Tensor], prefix: str = "blocks.") -> dict[str, Tensor]:
-    """The inverse of `fuse_dt_state_dict`: `fused=true` keys -> per-block keys."""
-    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    stacked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    per_block = unstack_block_states(stacked)
-    return rest | {
-        f"{prefix}{t}.{name}": value
-        for t, block in enumerate(per_block)
-        for name, value in block.items()
-    }

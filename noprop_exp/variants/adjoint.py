@@ -1,4 +1,5 @@
-"""The adjoint baseline (spec section 7): a neural ODE trained by the adjoint sensitivity method.
+"""The adjoint baseline (docs/NOPROP_SPEC.md §7): a neural ODE trained by the adjoint
+sensitivity method.
 
 dz/dt = f(z, x, t) on t in [0, 1] with NoProp-CT's network and no noise schedule; a linear head
 reads the class off z_1, and one cross-entropy on it trains everything. torchdiffeq's
@@ -6,9 +7,9 @@ reads the class off z_1, and one cross-entropy on it trains everything. torchdif
 adjoint ODE backwards, so memory does not grow with the number of steps (1000 in the paper).
 Both directions use the same fixed-step scheme, and inference integrates with it too.
 
-The field is f = l @ W with l the network's logits, as NoProp-FM's velocity (spec section 4):
-with one-hot W (the paper's adjoint runs) it is the network's output itself, so the baseline
-differs from NoProp-CT/FM in how it is trained, not in what the network computes.
+The field is f = l @ W with l the network's logits, as NoProp-FM's velocity (docs/NOPROP_SPEC.md
+§4): with one-hot W (the paper's adjoint runs) it is the network's output itself, so the
+baseline differs from NoProp-CT/FM in how it is trained, not in what the network computes.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from noprop_exp.diffusion import time_grid
 from noprop_exp.models.ct_net import CTNetwork
-from noprop_exp.schedules import time_grid
+from noprop_exp.models.head import LinearHead
 from noprop_exp.solvers import Solver
-from noprop_exp.variants.backprop import check_start, initial_latent
-from noprop_exp.variants.base import Diagnostics, Method, Parts
+from noprop_exp.variants.base import Diagnostics, Method, Parts, check_start, initial_latent
 
 # torchdiffeq's fixed-grid Runge-Kutta methods: the step count is then a config value.
 FIXED_STEP_METHODS = ("euler", "midpoint", "rk4")
@@ -83,7 +84,7 @@ class AdjointODE(Method):
         self.network = CTNetwork(
             parts.backbone, parts.image_shape, self.embedding.z_shape, parts.num_classes
         )
-        self.head = torch.nn.Linear(self.embedding.dim, parts.num_classes)
+        self.head = LinearHead(self.embedding.dim, parts.num_classes)
 
     def default_steps(self) -> int:
         return self.train_steps
@@ -146,9 +147,6 @@ class AdjointODE(Method):
         features, z0 = self.start(x, generator)
         zero, one = time_grid(1, z0.device, z0.dtype)
         return self.solve(features, z0, zero, one, steps, adjoint)
-
-    def readout(self, z: Tensor) -> Tensor:
-        return self.head(z.flatten(1))
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         z1 = self.terminal_state(x, self.train_steps, adjoint=True)

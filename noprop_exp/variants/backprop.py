@@ -1,4 +1,5 @@
-"""The back-propagation baseline (spec section 7): NoProp-DT's architecture trained end to end.
+"""The back-propagation baseline (docs/NOPROP_SPEC.md §7): NoProp-DT's architecture trained
+end to end.
 
 z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t) with w_t learned, and one
 cross-entropy on the linear head of z_T trains every block, W and the head through one backward.
@@ -15,31 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noprop_exp.models.dt_block import DTBlock
+from noprop_exp.models.head import LinearHead
 from noprop_exp.solvers import Solver
-from noprop_exp.variants.base import Diagnostics, Method, Parts
-
-# How the baselines choose z_0 (config value `z0`); the paper does not say.
-STARTS = ("noise", "zeros")
-
-
-def check_start(z0: str) -> None:
-    if z0 not in STARTS:
-        raise ValueError(f"variant.method.z0 must be one of {list(STARTS)}, got {z0!r}")
-
-
-def initial_latent(
-    z0: str,
-    batch: int,
-    z_shape: tuple[int, ...],
-    like: Tensor,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """z_0 for a batch: N(0, I) (NoProp's own start, so inference is stochastic) or zeros
-    (deterministic); on the device and in the dtype of `like`."""
-    shape = (batch, *z_shape)
-    if z0 == "zeros":
-        return like.new_zeros(shape)
-    return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
+from noprop_exp.variants.base import Diagnostics, Method, Parts, check_start, initial_latent
 
 
 class Backprop(Method):
@@ -65,7 +44,7 @@ class Backprop(Method):
             for _ in range(num_blocks)
         )
         self.mix_logits = nn.Parameter(torch.full((num_blocks,), math.atanh(initial_mix)))
-        self.head = nn.Linear(self.embedding.dim, parts.num_classes)
+        self.head = LinearHead(self.embedding.dim, parts.num_classes)
 
     def default_steps(self) -> int:
         return self.num_blocks
@@ -73,9 +52,6 @@ class Backprop(Method):
     def mixing(self) -> Tensor:
         """a_t = tanh(w_t), t = 1..T: how far block t moves z towards its own prediction."""
         return torch.tanh(self.mix_logits)
-
-    def readout(self, z: Tensor) -> Tensor:
-        return self.head(z.flatten(1))
 
     def chain(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """z_0 .. z_T for images x; every z_t keeps its graph to all earlier blocks."""

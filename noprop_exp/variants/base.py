@@ -2,7 +2,8 @@
 
 The loop asks a method for the losses of a minibatch and steps the optimiser on each; it knows
 nothing of blocks, schedules or solvers. `predict` and `trajectory` take no labels, so inference
-cannot read them.
+cannot read them. Also here: loss helpers shared by the methods and the baselines' choice of z_0;
+the label diffusion's maths is in `noprop_exp/diffusion.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from noprop_exp.embeddings import LabelEmbedding
+from noprop_exp.models.head import LinearHead
 from noprop_exp.schedules import NoiseSchedule
 from noprop_exp.solvers import Dynamics, Solver, solve
 
@@ -37,18 +39,26 @@ class Method(nn.Module):
     name: str = "method"
     # What one inference step is called in pictures: DT's steps are its blocks.
     step_unit: str = "step"
+    # The linear head p(y | z) that `readout` uses; annotated only, since a class-level value
+    # would shadow the submodule nn.Module registers.
+    head: LinearHead
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         """Losses for one minibatch, each minimised by its own optimiser step, in order.
 
         Most methods yield one loss. NoProp-DT yields extra head-only losses to keep the paper's
-        ratio of head to block updates (spec section 2).
+        ratio of head to block updates (docs/NOPROP_SPEC.md §2).
         """
         raise NotImplementedError
 
     def default_steps(self) -> int:
         """Inference steps used when `eval.steps` is null (T blocks for DT, 1000 for CT/FM)."""
         raise NotImplementedError
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Class scores (B, m) of latents z (B, *z_shape); argmax is the prediction. The linear
+        head's, unless a method reads classes off z otherwise (FM: the nearest row of W)."""
+        return self.head(z)
 
     @torch.no_grad()
     def predict(
@@ -94,8 +104,8 @@ class ContinuousTimeMethod(Method):
     """Inference shared by NoProp-CT and -FM: z_0 ~ N(0, I) at t = 0 carried to t = 1 by a solver
     over the model's `dynamics(x)`, classes read off z by `readout(z)`.
 
-    Subclasses set `z_shape` and implement `dynamics` and `readout`; `dynamics` should compute
-    the image branch once, so each of the (paper: 1000) steps costs only the z and t branches.
+    Subclasses set `z_shape` and implement `dynamics`, which should compute the image branch
+    once, so each of the (paper: 1000) steps costs only the z and t branches.
     """
 
     z_shape: tuple[int, ...]
@@ -104,10 +114,6 @@ class ContinuousTimeMethod(Method):
         return 1000  # the paper's T for CT and FM
 
     def dynamics(self, x: Tensor) -> Dynamics:
-        raise NotImplementedError
-
-    def readout(self, z: Tensor) -> Tensor:
-        """Class scores (B, m) of latents z (B, *z_shape); argmax is the prediction."""
         raise NotImplementedError
 
     def initial_z(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -134,46 +140,9 @@ class ContinuousTimeMethod(Method):
         return torch.stack(scores)
 
 
-def sample_q(u_y: Tensor, alpha_bar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """z ~ q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I); alpha_bar broadcasts over z."""
-    noise = torch.randn(u_y.shape, device=u_y.device, dtype=u_y.dtype, generator=generator)
-    return alpha_bar.sqrt() * u_y + (1 - alpha_bar).sqrt() * noise
-
-
-def kl_to_prior(u_y: Tensor, alpha_bar_0: Tensor) -> Tensor:
-    """KL(q(z_0 | y) || N(0, I)) per example (spec section 2); constant for one-hot embeddings."""
-    dim = u_y[0].numel()
-    sq_norm = u_y.flatten(1).pow(2).sum(1)
-    return 0.5 * (alpha_bar_0 * sq_norm - dim * alpha_bar_0 - dim * torch.log1p(-alpha_bar_0))
-
-
 def per_example_sq_error(prediction: Tensor, target: Tensor) -> Tensor:
     """||prediction - target||^2 summed over all but the batch dimension."""
     return (prediction - target).flatten(1).pow(2).sum(1)
-
-
-def broadcast_time(t: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example (B,) tensor so it broadcasts against z of any shape."""
-    return t.view(-1, *([1] * (like.dim() - 1)))
-
-
-TIME_SAMPLINGS = ("uniform", "stratified")
-
-
-def sample_times(batch: int, mode: str, device: torch.device) -> Tensor:
-    """Training times t in [0, 1), one per example (continuous-time variants, spec sections 3-4).
-
-    `uniform`: i.i.d. U[0, 1], as in the paper. `stratified`: the low-discrepancy sampler of
-    Variational Diffusion Models, t_i = (u + i / B) mod 1 with one u ~ U[0, 1]: each t_i is still
-    U[0, 1], so the loss stays unbiased, but a minibatch covers [0, 1] evenly, which lowers the
-    variance of its loss when the weight (SNR'(t) in CT) varies by orders of magnitude.
-    """
-    if mode == "uniform":
-        return torch.rand(batch, device=device)
-    if mode == "stratified":
-        offsets = torch.arange(batch, device=device) / batch
-        return (torch.rand(1, device=device) + offsets) % 1
-    raise ValueError(f"variant.method.t_sampling must be one of {TIME_SAMPLINGS}, got {mode!r}")
 
 
 def loss_by_time_bin(t: Tensor, per_example: Tensor, bins: int) -> Diagnostics:
@@ -189,3 +158,27 @@ def loss_by_time_bin(t: Tensor, per_example: Tensor, bins: int) -> Diagnostics:
     totals.index_add_(0, index, per_example.detach())
     per_bin = totals * (bins / len(t))
     return {f"loss_tbin_{k}": per_bin[k] for k in range(bins)}
+
+
+# How the baselines choose z_0 (config value `z0`); the paper does not say.
+STARTS = ("noise", "zeros")
+
+
+def check_start(z0: str) -> None:
+    if z0 not in STARTS:
+        raise ValueError(f"variant.method.z0 must be one of {list(STARTS)}, got {z0!r}")
+
+
+def initial_latent(
+    z0: str,
+    batch: int,
+    z_shape: tuple[int, ...],
+    like: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """z_0 for a batch: N(0, I) (NoProp's own start, so inference is stochastic) or zeros
+    (deterministic); on the device and in the dtype of `like`."""
+    shape = (batch, *z_shape)
+    if z0 == "zeros":
+        return like.new_zeros(shape)
+    return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)

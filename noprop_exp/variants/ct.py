@@ -1,4 +1,5 @@
-"""NoProp-CT (spec section 3): one network u_hat(z_t, x, t), trained at random t in [0, 1]."""
+"""NoProp-CT (docs/NOPROP_SPEC.md §3): one network u_hat(z_t, x, t), trained at random t in
+[0, 1]."""
 
 from __future__ import annotations
 
@@ -6,21 +7,26 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from noprop_exp.diffusion import (
+    broadcast_time,
+    kl_to_prior,
+    probability_flow,
+    sample_q,
+    sample_times,
+    snr_prime,
+)
 from noprop_exp.models.ct_net import CTNetwork
+from noprop_exp.models.head import LinearHead
 from noprop_exp.schedules import LearnedSchedule
-from noprop_exp.solvers import Dynamics, probability_flow
+from noprop_exp.solvers import Dynamics
 from noprop_exp.variants.base import (
     ContinuousTimeMethod,
     Diagnostics,
     Parts,
-    broadcast_time,
-    kl_to_prior,
     loss_by_time_bin,
     per_example_sq_error,
-    sample_q,
-    sample_times,
 )
 
 
@@ -62,7 +68,7 @@ class NoPropCT(ContinuousTimeMethod):
         self.schedule = parts.schedule
         self.z_shape = self.embedding.z_shape
         self.network = CTNetwork(parts.backbone, parts.image_shape, self.z_shape, parts.num_classes)
-        self.head = nn.Linear(self.embedding.dim, parts.num_classes)
+        self.head = LinearHead(self.embedding.dim, parts.num_classes)
 
     def denoise(self, z: Tensor, features: Tensor, t: Tensor) -> Tensor:
         """The predicted clean embedding: a convex mix of W's rows."""
@@ -84,7 +90,7 @@ class NoPropCT(ContinuousTimeMethod):
         z_t = sample_q(u_y, broadcast_time(self.schedule.alpha_bar(t), u_y))
         u_hat = self.denoise(z_t, self.network.image_features(x), t)
         # snr_prime keeps its graph to a learned schedule's parameters: the weight trains it.
-        weighted = self.eta / 2 * self.schedule.snr_prime(t) * per_example_sq_error(u_hat, u_y)
+        weighted = self.eta / 2 * snr_prime(self.schedule, t) * per_example_sq_error(u_hat, u_y)
         denoising = weighted.mean()
         head = self.head_loss(y, self.end_alpha_bars(x.device))
         diagnostics = {
@@ -102,12 +108,16 @@ class NoPropCT(ContinuousTimeMethod):
 
     def dynamics(self, x: Tensor) -> Dynamics:
         features = self.network.image_features(x)
-        return probability_flow(
-            lambda z, t: self.denoise(z, features, t), self.schedule, source="variant ct"
-        )
 
-    def readout(self, z: Tensor) -> Tensor:
-        return self.head(z.flatten(1))
+        def denoise(z: Tensor, t: Tensor) -> Tensor:
+            return self.denoise(z, features, t)
+
+        return Dynamics(
+            velocity=probability_flow(denoise, self.schedule),
+            denoise=denoise,
+            alpha_bar=self.schedule.alpha_bar,
+            source="variant ct",
+        )
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay would pull a learned schedule's gamma_0, gamma_1 towards each other and

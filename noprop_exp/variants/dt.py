@@ -1,4 +1,5 @@
-"""NoProp-DT (spec section 2): T blocks, each learning on its own to denoise a noisy label."""
+"""NoProp-DT (docs/NOPROP_SPEC.md §2): T blocks, each learning on its own to denoise a noisy
+label."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noprop_exp.diffusion import discrete_alpha_bars, kl_to_prior, sample_q, snr, time_grid
 from noprop_exp.models.dt_block import DTBlock
 from noprop_exp.models.dt_stack import DTStack
-from noprop_exp.schedules import LearnedSchedule, discrete_alpha_bars, time_grid
+from noprop_exp.models.head import LinearHead
+from noprop_exp.schedules import LearnedSchedule
 from noprop_exp.solvers import Dynamics, Solver
-from noprop_exp.variants.base import (
-    Diagnostics,
-    Method,
-    Parts,
-    kl_to_prior,
-    sample_q,
-)
+from noprop_exp.variants.base import Diagnostics, Method, Parts
 
 
 class NoPropDT(Method):
@@ -62,12 +59,12 @@ class NoPropDT(Method):
             for _ in range(num_blocks)
         ]
         self.blocks = DTStack(blocks) if fused else nn.ModuleList(blocks)
-        self.head = nn.Linear(self.embedding.dim, parts.num_classes)
+        self.head = LinearHead(self.embedding.dim, parts.num_classes)
         alpha_bars = discrete_alpha_bars(parts.schedule, num_blocks).detach()
         self.register_buffer("alpha_bars", alpha_bars)
-        snr = alpha_bars / (1 - alpha_bars)
+        snrs = snr(parts.schedule, time_grid(num_blocks, alpha_bars.device))
         # (T/2) * eta * (SNR(t) - SNR(t-1)) of Algorithm 1, one weight per block.
-        self.register_buffer("block_weights", num_blocks / 2 * eta * (snr[1:] - snr[:-1]))
+        self.register_buffer("block_weights", num_blocks / 2 * eta * (snrs[1:] - snrs[:-1]))
 
     def default_steps(self) -> int:
         return self.num_blocks
@@ -94,7 +91,7 @@ class NoPropDT(Method):
         """Cross-entropy of the linear head on z_T ~ q(z_T | y), plus the KL term."""
         u_y = self.embedding(y)
         z_last = sample_q(u_y, self.alpha_bars[-1])
-        cross_entropy = F.cross_entropy(self.head(z_last.flatten(1)), y)
+        cross_entropy = F.cross_entropy(self.readout(z_last), y)
         return cross_entropy + kl_to_prior(u_y, self.alpha_bars[0]).mean()
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
@@ -106,9 +103,6 @@ class NoPropDT(Method):
         # Algorithm 1 updates the head with every block; these steps keep that ratio cheaply.
         for _ in range(self.head_updates - 1):
             yield self.head_loss(y), {}
-
-    def readout(self, z: Tensor) -> Tensor:
-        return self.head(z.flatten(1))
 
     @torch.no_grad()
     def trajectory(

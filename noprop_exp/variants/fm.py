@@ -1,4 +1,5 @@
-"""NoProp-FM (spec section 4): flow matching from noise to the label embedding, given the image."""
+"""NoProp-FM (docs/NOPROP_SPEC.md §4): flow matching from noise to the label embedding, given
+the image."""
 
 from __future__ import annotations
 
@@ -6,19 +7,19 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from noprop_exp.diffusion import broadcast_time, sample_times
 from noprop_exp.models.ct_net import CTNetwork
+from noprop_exp.models.head import LinearHead
 from noprop_exp.schedules import LearnedSchedule
 from noprop_exp.solvers import Dynamics
 from noprop_exp.variants.base import (
     ContinuousTimeMethod,
     Diagnostics,
     Parts,
-    broadcast_time,
     loss_by_time_bin,
     per_example_sq_error,
-    sample_times,
 )
 
 
@@ -60,7 +61,7 @@ class NoPropFM(ContinuousTimeMethod):
         self.network = CTNetwork(parts.backbone, parts.image_shape, self.z_shape, parts.num_classes)
         # The anchor's linear head exists only where it is used: with a trainable W.
         self.head = (
-            nn.Linear(self.embedding.dim, parts.num_classes) if self.embedding.trainable else None
+            LinearHead(self.embedding.dim, parts.num_classes) if self.embedding.trainable else None
         )
 
     def velocity(self, z: Tensor, features: Tensor, t: Tensor) -> Tensor:
@@ -83,7 +84,7 @@ class NoPropFM(ContinuousTimeMethod):
         }
         if self.head is not None:
             z_1_hat = z_t + (1 - t_z) * v_hat  # one Euler step to t = 1
-            anchor = F.cross_entropy(self.head(z_1_hat.flatten(1)), y)
+            anchor = F.cross_entropy(self.head(z_1_hat), y)
             diagnostics["anchor_loss"] = anchor.detach()
             loss = loss + anchor
         yield loss, diagnostics
