@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from noprop_exp.assemble import Assembled, assemble
 from noprop_exp.data import DataSplits, synthetic
+from noprop_exp.diffusion import posterior_coefficients
 from noprop_exp.embeddings import LabelEmbedding, PrototypeEmbedding
 from noprop_exp.evaluation import accuracy
 from noprop_exp.pictures import cli, figures, measures
 from noprop_exp.pictures import logged as logged_pictures  # `logged`: the fixture
-from noprop_exp.schedules import posterior_coefficients
 from noprop_exp.solvers import DDIMSolver, PosteriorSolver
 from noprop_exp.train import run
 from noprop_exp.variants.base import Method
