@@ -56,9 +56,7 @@ class EvalConfig:
     repeats: int = 1  # stochastic inference runs averaged per evaluation (paper: 5)
     batch_size: int = 1000
     seed: int = 1234  # seeds inference noise, separately from training
-    pictures: bool = (
-        True  # at the end: predictions, trajectories, per-block accuracy (noprop_exp/pictures/)
-    )
+    pictures: bool = True  # at the end: predictions, trajectories, per-block accuracy (pictures/)
 
 
 # Where every command records and reads runs unless told otherwise: $MLFLOW_TRACKING_URI, else a
