@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from noprop_exp.assemble import Assembled, assemble
 from noprop_exp.data import DataSplits, synthetic
 from noprop_exp.diffusion import posterior_coefficients
-from noprop_exp.embeddings import LabelEmbedding, PrototypeEmbedding
+from noprop_exp.embeddings import LabelEmbedding, OneHotEmbedding, PrototypeEmbedding
 from noprop_exp.evaluation import accuracy
 from noprop_exp.pictures import cli, figures, measures
 from noprop_exp.pictures import logged as logged_pictures  # `logged`: the fixture
@@ -325,9 +325,13 @@ def test_chain_accuracies_match_a_chain_run_by_hand(tiny_config):
 
 
 class ClassifiesGradually(Method):
-    """A stand-in for CT/FM: scores (k / steps) * onehot(x's class); no blocks, no embedding."""
+    """A stand-in for CT/FM: scores (k / steps) * onehot(x's class); no blocks, a one-hot W."""
 
     name = "stub"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = OneHotEmbedding(10)
 
     def default_steps(self) -> int:
         return 1000
@@ -352,7 +356,7 @@ def test_long_solves_are_shown_at_eleven_steps_without_block_diagnostics(compose
     assert all(made.metrics[f"readout_acc_step_{k}"] == 100.0 for k in shown[1:])
     assert len(made.metrics) == 11 and not any(k.startswith("block") for k in made.metrics)
     assert "dt only" in made.notes["accuracy_by_step"]
-    assert "no label embedding" in made.notes["embedding"]
+    assert "a fixed one-hot W" in made.notes["embedding"]
     heat_map = made.figures["trajectories"].axes[1]
     assert heat_map.images[0].get_array().shape == (11, 10)
     (ax,) = made.figures["accuracy_by_step"].axes

@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from noprop_exp.assemble import Assembled
-from noprop_exp.embeddings import LabelEmbedding
 from noprop_exp.evaluation import accuracy_on_test
 from noprop_exp.pictures.figures import (
     GRID_COLUMNS,
@@ -35,7 +34,6 @@ from noprop_exp.pictures.figures import (
 )
 from noprop_exp.pictures.measures import pick, shown_steps, step_accuracy
 from noprop_exp.solvers import Solver
-from noprop_exp.variants.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +47,6 @@ class Pictures:
     figures: dict[str, Figure] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-
-
-def label_embedding(method: Method) -> LabelEmbedding | None:
-    """The method's label embedding W, None for one without (backprop, adjoint baselines).
-
-    The one place that looks at a method's attributes; `Method` has no accessor for it yet.
-    """
-    return getattr(method, "embedding", None)
 
 
 def solver_label(solver: Solver) -> str:
@@ -134,13 +124,13 @@ def make_pictures(cfg: DictConfig, run: Assembled, step_sweep: dict[str, list[di
             "noprop-pictures RUN_ID --steps N [N ...] [--solvers NAME ...]"
         )
 
-    embedding = label_embedding(method)
-    figure = None if embedding is None else embedding_figure(embedding, title)
+    figure = embedding_figure(method.embedding, title)
     if figure is not None:
         pictures.figures["embedding"] = figure
     else:
-        what = "it has no label embedding" if embedding is None else "a fixed one-hot W"
-        pictures.notes["embedding"] = f"skipped: nothing learned to show ({method.name}: {what})"
+        pictures.notes["embedding"] = (
+            f"skipped: nothing learned to show ({method.name}: a fixed one-hot W)"
+        )
     return pictures
 
 

@@ -39,6 +39,8 @@ class Method(nn.Module):
     name: str = "method"
     # What one inference step is called in pictures: DT's steps are its blocks.
     step_unit: str = "step"
+    # Every method classifies through a label embedding W (the baselines' targets included).
+    embedding: LabelEmbedding
     # The linear head p(y | z) that `readout` uses; annotated only, since a class-level value
     # would shadow the submodule nn.Module registers.
     head: LinearHead
