@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
+from mlflow.tracking import MlflowClient
 
 from noprop_exp import paper
-from noprop_exp.report import build_report, write_report
+from noprop_exp.report import build_report, report_from_mlflow, write_report
 from noprop_exp.report.runs import tidy_runs
 from noprop_exp.report.tables import (
     MISSING,
@@ -228,3 +229,25 @@ def test_steps_study_averages_over_seeds():
     assert ct.steps == 10 and ct.test_acc == pytest.approx(61.0)
     assert ct.test_acc_se == pytest.approx(1.0 / math.sqrt(3))  # std of 60, 61, 62 is 1
     assert [ax.get_title() for ax in report.figures["steps"].axes] == ["MNIST", "CIFAR-10"]
+
+
+def test_report_of_an_experiment_holding_a_sweeps_parent_run(tmp_path, tracking_uri):
+    """`noprop-report --experiment NAME`: the parent, with params like seed "0,1", is no run."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("sweeps")
+    parent = client.create_run(experiment, tags={"sweep": "s"}).info.run_id
+    client.log_param(parent, "seed", "0,1")
+    client.set_terminated(parent)
+    for seed in (0, 1):
+        tags = {"mlflow.parentRunId": parent, "variant": "dt", "embedding": "onehot"}
+        child = client.create_run(experiment, tags={**tags, "dataset": "mnist"}).info.run_id
+        client.log_param(child, "seed", str(seed))
+        for epoch in (1, 2):
+            client.log_metric(child, "train_time_s", 10.0 * epoch, step=epoch)
+            client.log_metric(child, "test_acc", 90.0 + seed + epoch, step=epoch)
+        client.set_terminated(child)
+    report = report_from_mlflow(tracking_uri, tmp_path / "out", experiments=["sweeps"])
+    assert sorted(report.runs.seed) == [0, 1]
+    dt = cell(report.tables["table1"], "dt", "onehot", "mnist")
+    assert dt.test_acc == pytest.approx(92.5)  # the seeds' last test_acc: 92 and 93
+    assert "figure3" in report.figures
