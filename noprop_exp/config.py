@@ -10,12 +10,15 @@ halfway through a run. Config groups that build objects (`dataset`, `backbone`, 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, open_dict
 
 
 class Device(str, Enum):
@@ -110,3 +113,19 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """conf/config.yaml with Hydra overrides, as `noprop-train` composes it, without the `hydra`
+    node; and the config-group choices (e.g. {'variant': 'dt', 'dataset': 'mnist', ...})."""
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra.compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=True
+        )
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices

@@ -38,6 +38,7 @@ from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from noprop_exp.store import experiment_id
 from noprop_exp.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,12 @@ class SweepParentRun(Callback):
         # experiment are one per sweep (a swept value would not be resolved here).
         self.tracking_uri = config.mlflow.tracking_uri
         client = MlflowClient(self.tracking_uri)
-        name = config.mlflow.experiment_name
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         overrides, self.swept = sweep_overrides(config)
         sweep_name = config.hydra.job.config_name
         described = " ".join(f"{key}={value}" for key, value in overrides.items())
         swept = " ".join(f"{key}={overrides[key]}" for key in self.swept)
         run = client.create_run(
-            experiment_id,
+            experiment_id(client, config.mlflow.experiment_name),
             run_name=config.mlflow.run_name or f"sweep {sweep_name} {swept}"[:250].strip(),
             tags={
                 "sweep": sweep_name,

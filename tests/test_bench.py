@@ -60,6 +60,8 @@ def test_overrides_apply_to_every_variant_or_to_the_one_named():
     assert "train.precision=bf16" in for_dt and "train.precision=bf16" in for_ct
     assert "variant.method.fused=true" in for_dt and "variant.method.fused=true" not in for_ct
     assert "dataset=mnist" in for_dt and "train.batch_size=128" in for_dt
+    smoke = bench.variant_overrides("dt", bench.parse_args(["--smoke"]))
+    assert "debug=tiny" in smoke and not any(o.startswith("train.batch_size=") for o in smoke)
 
 
 def test_first_reaching_takes_the_earliest_evaluation_at_or_above_the_target():

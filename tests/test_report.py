@@ -4,22 +4,25 @@ every paper cell (missing ones shown as missing), figures with one panel per dat
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
+from mlflow.tracking import MlflowClient
 
-from noprop_exp.report import (
+from noprop_exp import paper
+from noprop_exp.report import build_report, report_from_mlflow, write_report
+from noprop_exp.report.runs import tidy_runs
+from noprop_exp.report.tables import (
     MISSING,
-    build_report,
     latex,
     markdown,
     pooled_mean_se,
-    tidy_runs,
     wide_table1,
     wide_table2,
-    write_report,
 )
 
 
@@ -77,12 +80,50 @@ def raw_runs() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SPEC = Path(__file__).resolve().parents[1] / "docs" / "NOPROP_SPEC.md"
+
+
+def test_the_papers_numbers_are_those_of_the_spec():
+    """noprop_exp.paper holds docs/NOPROP_SPEC.md §8's Table 1 and Table 2, named our way."""
+    section = SPEC.read_text().split("## 8.")[1].split("\n## ")[0]
+    embeddings = {"one-hot": "onehot", "dim=20": "learned", "prototype": "prototype"}
+    table1 = {
+        (method.lower().removeprefix("noprop-"), embeddings[embedding]): tuple(
+            float(v) for v in values
+        )
+        for method, embedding, *values in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in section.split("Table 1")[1].split("Table 2")[0].splitlines()
+            if line.startswith("| ") and line.split("|")[3].strip()[0].isdigit()
+        )
+    }
+    assert table1 == paper.TABLE1
+    table2 = {
+        method.lower(): tuple(float(v) for v in values.split(" / "))
+        for method, values in re.findall(r"(\w+) ([\d.]+ / [\d.]+ / [\d.]+)", section)
+    }
+    assert table2 == paper.TABLE2
+    assert paper.accuracy("dt", "onehot", "mnist") == 99.47
+    assert paper.memory_gb("ct", "cifar10") == 0.45
+    assert math.isnan(paper.accuracy("adjoint", "learned", "mnist"))
+    assert math.isnan(paper.memory_gb("dt", "synthetic"))
+
+
 def test_tidy_runs_keeps_training_runs_and_the_latest_run_per_seed():
     runs = tidy_runs(raw_runs())
     assert "parent" not in set(runs.run_id) and "old" not in set(runs.run_id)
     assert len(runs) == 9  # 3 dt, 3 ct cifar10, ct mnist, fm d=32, zz
     assert set(runs.embedding) == {"onehot", "learned-d32"}
     assert runs.loc[runs.run_id == "dt0", "seed"].item() == 0
+
+
+def test_tidy_runs_leaves_out_a_sweeps_parent_run_and_its_swept_params():
+    """`--experiment` selects a sweep's parent beside its children; it logs seed "0,1"."""
+    parent = {"run_id": "p", "start_time": pd.Timestamp("2025-01-02"), "tags.sweep": "s"}
+    parent |= {"params.seed": "0,1", "params.eval.repeats": "1,5", "params.embedding.dim": "8,20"}
+    runs = tidy_runs(pd.concat([raw_runs(), pd.DataFrame([parent])], ignore_index=True))
+    assert "p" not in set(runs.run_id) and len(runs) == 9
+    assert runs.seed.dtype.kind in "if" and runs.repeats.dtype.kind in "if"
 
 
 def cell(table: pd.DataFrame, variant, embedding, dataset) -> pd.Series:
@@ -96,10 +137,14 @@ def test_table1_keeps_every_paper_cell_and_places_ours_and_the_papers():
     long = report.tables["table1"]
     dt = cell(long, "dt", "onehot", "mnist")
     assert dt.test_acc == pytest.approx(99.1) and dt.seeds == 3 and dt.inference_runs == 15
-    assert dt.paper == 99.47
-    assert cell(long, "dt", "prototype", "cifar10").paper == 80.54
+    assert dt.paper == paper.accuracy("dt", "onehot", "mnist")
+    assert cell(long, "dt", "prototype", "cifar10").paper == paper.accuracy(
+        "dt", "prototype", "cifar10"
+    )
     assert math.isnan(cell(long, "dt", "prototype", "cifar10").test_acc)  # no run: missing
-    assert cell(long, "adjoint", "onehot", "cifar100").paper == 25.03
+    assert cell(long, "adjoint", "onehot", "cifar100").paper == paper.accuracy(
+        "adjoint", "onehot", "cifar100"
+    )
     assert math.isnan(cell(long, "fm", "learned-d32", "synthetic").paper)  # not in the paper
     # 13 paper rows + 2 of ours (fm learned d=32, variant zz), x 4 datasets (3 + synthetic).
     assert len(long) == 15 * 4
@@ -107,7 +152,10 @@ def test_table1_keeps_every_paper_cell_and_places_ours_and_the_papers():
     wide = wide_table1(long)
     assert list(wide.columns[:2]) == ["MNIST ours", "MNIST paper"]
     assert wide.index[0] == ("Backprop", "one-hot") and wide.index[-1] == ("zz", "one-hot")
-    assert wide.loc[("NoProp-DT", "one-hot"), "MNIST paper"] == "99.47"
+    assert (
+        wide.loc[("NoProp-DT", "one-hot"), "MNIST paper"]
+        == f"{paper.accuracy('dt', 'onehot', 'mnist'):.2f}"
+    )
     assert wide.loc[("NoProp-DT", "one-hot"), "MNIST ours"].startswith("99.10 ± ")
     assert wide.loc[("NoProp-DT", "prototype"), "CIFAR-10 ours"] == MISSING
     assert wide.loc[("NoProp-FM", "learned-d32"), "synthetic paper"] == MISSING
@@ -121,8 +169,10 @@ def test_table2_shows_cpu_runs_memory_as_missing():
     )
     wide = wide_table2(long)
     assert wide.loc[("NoProp-CT",), "CIFAR-10 ours"] == MISSING  # ran, but logged no memory
-    assert wide.loc[("NoProp-CT",), "CIFAR-10 paper"] == "0.45"
-    assert wide.loc[("Adjoint",), "CIFAR-100 paper"] == "6.45"
+    assert wide.loc[("NoProp-CT",), "CIFAR-10 paper"] == f"{paper.memory_gb('ct', 'cifar10'):.2f}"
+    assert (
+        wide.loc[("Adjoint",), "CIFAR-100 paper"] == f"{paper.memory_gb('adjoint', 'cifar100'):.2f}"
+    )
 
 
 def test_markdown_and_latex_have_a_row_per_table_row():
@@ -179,3 +229,25 @@ def test_steps_study_averages_over_seeds():
     assert ct.steps == 10 and ct.test_acc == pytest.approx(61.0)
     assert ct.test_acc_se == pytest.approx(1.0 / math.sqrt(3))  # std of 60, 61, 62 is 1
     assert [ax.get_title() for ax in report.figures["steps"].axes] == ["MNIST", "CIFAR-10"]
+
+
+def test_report_of_an_experiment_holding_a_sweeps_parent_run(tmp_path, tracking_uri):
+    """`noprop-report --experiment NAME`: the parent, with params like seed "0,1", is no run."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("sweeps")
+    parent = client.create_run(experiment, tags={"sweep": "s"}).info.run_id
+    client.log_param(parent, "seed", "0,1")
+    client.set_terminated(parent)
+    for seed in (0, 1):
+        tags = {"mlflow.parentRunId": parent, "variant": "dt", "embedding": "onehot"}
+        child = client.create_run(experiment, tags={**tags, "dataset": "mnist"}).info.run_id
+        client.log_param(child, "seed", str(seed))
+        for epoch in (1, 2):
+            client.log_metric(child, "train_time_s", 10.0 * epoch, step=epoch)
+            client.log_metric(child, "test_acc", 90.0 + seed + epoch, step=epoch)
+        client.set_terminated(child)
+    report = report_from_mlflow(tracking_uri, tmp_path / "out", experiments=["sweeps"])
+    assert sorted(report.runs.seed) == [0, 1]
+    dt = cell(report.tables["table1"], "dt", "onehot", "mnist")
+    assert dt.test_acc == pytest.approx(92.5)  # the seeds' last test_acc: 92 and 93
+    assert "figure3" in report.figures

@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
+from noprop_exp import paper
 from noprop_exp.report import report_from_mlflow
 from noprop_exp.sweep import SweepParentRun, sweep_overrides
 from noprop_exp.tracking import PARENT_RUN_ENV
@@ -255,13 +256,17 @@ def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_serv
     ours = table1.loc[("dt", "onehot", "synthetic")]
     assert (ours.seeds, ours.inference_runs) == (2, 2)
     assert ours.test_acc == pytest.approx(sum(c.data.metrics["test_acc"] for c in children) / 2)
-    assert table1.loc[("dt", "onehot", "mnist"), "paper"] == 99.47
-    assert table1.loc[("fm", "prototype", "cifar100"), "paper"] == 37.57
+    assert table1.loc[("dt", "onehot", "mnist"), "paper"] == paper.accuracy("dt", "onehot", "mnist")
+    fm_cifar100 = paper.accuracy("fm", "prototype", "cifar100")
+    assert table1.loc[("fm", "prototype", "cifar100"), "paper"] == fm_cifar100
     assert len(table1.loc[("dt", slice(None), slice(None))]) == 3 * 4  # 3 embeddings x datasets
     markdown = (tmp_path / "report" / "table1.md").read_text()
-    assert "| NoProp-DT | one-hot | — | 99.47 |" in markdown
+    assert (
+        f"| NoProp-DT | one-hot | — | {paper.accuracy('dt', 'onehot', 'mnist'):.2f} |" in markdown
+    )
     table2 = (tmp_path / "report" / "table2.md").read_text()
-    assert "| NoProp-DT | — | 0.49 |" in table2  # CPU runs: memory missing, paper beside
+    # CPU runs: memory missing, paper beside
+    assert f"| NoProp-DT | — | {paper.memory_gb('dt', 'mnist'):.2f} |" in table2
     logged = MlflowClient(mlflow_server).list_artifacts(parent.info.run_id, "report")
     assert {"report/figure3.png", "report/table1.md", "report/table2.csv"} <= {
         a.path for a in logged

@@ -22,40 +22,37 @@ passes more. Per variant:
   (host memory, so far in the process: it never goes down).
 
 The machine (CPU model, GPU name), torch version and the table go to `<out>.csv`, `<out>.md`
-and an MLflow run in experiment `noprop-bench`.
+and an MLflow run in experiment `noprop-bench`. The measurements themselves are in
+`noprop_exp.bench.measure`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
 import os
-import platform
-import resource
 import shlex
 import sys
-import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from noprop_exp import train
-from noprop_exp.assemble import Assembled, assemble, resolve_device
-from noprop_exp.config import Device, default_tracking_uri
-from noprop_exp.data import minibatches
+from noprop_exp.assemble import assemble, resolve_device
+from noprop_exp.bench import measure
+from noprop_exp.config import CONF_DIR, Device, compose, default_tracking_uri
+from noprop_exp.report.tables import markdown_table
+from noprop_exp.store import accuracy_histories, experiment_id
 from noprop_exp.tracking import PARENT_RUN_ENV
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENT = "noprop-bench"
 # The issue's targets (paper Table 1, MNIST); other variants get one with --target-acc NAME=ACC.
 DEFAULT_TARGETS = {"dt": 99.4, "ct": 98.0, "fm": 99.0}
@@ -92,97 +89,9 @@ def available_variants() -> list[str]:
     return sorted(path.stem for path in (CONF_DIR / "variant").glob("*.yaml"))
 
 
-def compose_config(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
-    """conf/config.yaml with overrides, as `noprop-train` composes it; and the group choices."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, choices
-
-
-def describe_machine(device: torch.device) -> dict[str, str]:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {
-        "cpu": f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
-        "gpu": gpu,
-        "device": str(device),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "python": platform.python_version(),
-    }
-
-
-def endless_batches(assembled: Assembled, batch_size: int, seed: int) -> Iterator:
-    """Full training minibatches, reshuffled each pass, as the loop draws them."""
-    data = assembled.data
-    if len(data.train_y) < batch_size:
-        raise ValueError(
-            f"the training set has {len(data.train_y)} images, fewer than one batch of "
-            f"{batch_size}: lower --batch-size or raise --train-size"
-        )
-    generator = torch.Generator(device=data.train_x.device).manual_seed(seed)
-    while True:
-        for x, y in minibatches(data.train_x, data.train_y, batch_size, generator):
-            if len(y) == batch_size:
-                yield x, y
-
-
-def training_throughput(
-    assembled: Assembled, cfg: DictConfig, device: torch.device, warmup: int, steps: int
-) -> float:
-    """Images/s of `train.train_step` (the loop's step) on full minibatches."""
-    method = assembled.method
-    optimizer = train.make_optimizer(cfg.train, method)
-    batches = endless_batches(assembled, cfg.train.batch_size, cfg.seed)
-    method.train()
-    for _ in range(warmup):
-        train.train_step(method, optimizer, *next(batches), cfg.train.precision)
-    work = [next(batches) for _ in range(steps)]  # gathered before the clock starts
-    train.synchronize(device)
-    started = time.perf_counter()
-    for x, y in work:
-        train.train_step(method, optimizer, x, y, cfg.train.precision)
-    train.synchronize(device)
-    return steps * cfg.train.batch_size / (time.perf_counter() - started)
-
-
-def inference_throughput(
-    assembled: Assembled, cfg: DictConfig, device: torch.device, steps: int, images: int
-) -> float:
-    """Images/s of `Method.predict` with `steps` steps over `images` test images."""
-    method, solver = assembled.method, assembled.solver
-    test_x = assembled.data.test_x[:images]
-    generator = torch.Generator(device=device).manual_seed(cfg.eval.seed)
-    method.eval()
-    with train.autocast(cfg.train.precision, device):
-        method.predict(test_x[: min(len(test_x), 8)], steps, solver, generator)  # warm-up
-        train.synchronize(device)
-        started = time.perf_counter()
-        for batch in test_x.split(cfg.eval.batch_size):
-            method.predict(batch, steps, solver, generator)
-        train.synchronize(device)
-    return len(test_x) / (time.perf_counter() - started)
-
-
 def first_reaching(history: Sequence[tuple[float, float]], target: float) -> float | None:
     """Training time of the first (time, accuracy) evaluation at or above `target`, else None."""
     return next((seconds for seconds, acc in history if acc >= target), None)
-
-
-def accuracy_history(client: MlflowClient, run_id: str) -> list[tuple[float, float]]:
-    """(train_time_s, test_acc) of each evaluated epoch of a logged training run."""
-    times = {m.step: m.value for m in client.get_metric_history(run_id, "train_time_s")}
-    accs = client.get_metric_history(run_id, "test_acc")
-    return [(times[m.step], m.value) for m in sorted(accs, key=lambda m: m.step)]
 
 
 def time_to_target(
@@ -211,7 +120,8 @@ def time_to_target(
     finally:
         del os.environ[PARENT_RUN_ENV]
     run_id = mlflow.last_active_run().info.run_id
-    history = accuracy_history(MlflowClient(cfg.mlflow.tracking_uri), run_id)
+    logged = accuracy_histories(MlflowClient(cfg.mlflow.tracking_uri), [run_id])
+    history = list(zip(logged.train_time_s, logged.test_acc, strict=True))
     row.best_acc = max(acc for _, acc in history)
     row.time_to_target_s = first_reaching(history, row.target_acc)
     if row.time_to_target_s is None:
@@ -222,17 +132,8 @@ def time_to_target(
     row.notes.append(f"training run {run_id}")
 
 
-def peak_memory(row: Row, device: torch.device) -> None:
-    if device.type == "cuda":
-        row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
-        row.memory = "peak device memory allocated in training"
-    else:  # ru_maxrss is in KiB on Linux
-        row.peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        row.memory = "peak host memory (process RSS so far)"
-
-
 def bench_variant(variant: str, args: argparse.Namespace, parent_run_id: str) -> Row:
-    cfg, choices = compose_config(variant_overrides(variant, args))
+    cfg, choices = compose(variant_overrides(variant, args))
     device = resolve_device(Device(cfg.device).value)
     row = Row(variant, target_acc=args.target_acc.get(variant))
     torch.manual_seed(cfg.seed)
@@ -242,15 +143,17 @@ def bench_variant(variant: str, args: argparse.Namespace, parent_run_id: str) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         row.resident_gb = torch.cuda.memory_allocated(device) / 1e9
-    row.train_img_s = training_throughput(
+    row.train_img_s = measure.training_throughput(
         assembled, cfg, device, args.warmup_steps, args.train_steps
     )
-    peak_memory(row, device)
+    row.peak_mem_gb, row.memory = measure.peak_memory(device)
     train_images, test_images = len(assembled.data.train_y), len(assembled.data.test_y)
     images = min(args.infer_images or test_images, test_images)
     for steps in args.infer_steps:
         try:
-            row.infer_img_s[steps] = inference_throughput(assembled, cfg, device, steps, images)
+            row.infer_img_s[steps] = measure.inference_throughput(
+                assembled, cfg, device, steps, images
+            )
         except ValueError as err:  # a method that cannot infer with this many steps says why
             row.infer_img_s[steps] = None
             row.notes.append(f"{steps} steps: n/a ({str(err).split(':')[0]})")
@@ -272,13 +175,15 @@ def variant_overrides(variant: str, args: argparse.Namespace) -> list[str]:
     """Hydra overrides of one variant's run: the options, then the user's `--override`s."""
     overrides = [
         f"variant={variant}",
+        # smoke: the runs' own small preset (data, batch sizes), not sizes restated here
+        "debug=tiny" if args.smoke else "dataset=mnist",
         f"device={args.device}",
-        f"train.batch_size={args.batch_size}",
         f"mlflow.tracking_uri={args.tracking_uri}",
         f"mlflow.experiment_name={EXPERIMENT}",
         "mlflow.log_model=false",
-        "dataset=synthetic" if args.smoke else "dataset=mnist",
     ]
+    if args.batch_size:
+        overrides.append(f"train.batch_size={args.batch_size}")
     if args.data_root and not args.smoke:
         overrides.append(f"dataset.root={args.data_root}")
     if args.train_size:
@@ -291,19 +196,11 @@ def variant_overrides(variant: str, args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub Markdown table; numbers to 3 significant figures, missing ones as n/a."""
-
-    def cell(value: object) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "n/a"
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        return " ".join(str(value).split()).replace("|", "\\|")  # one line, no column breaks
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines)
+def bench_cell(value: object) -> str:
+    """Numbers to 3 significant figures, missing ones as n/a."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def report(rows: list[Row], machine: dict[str, str], command: str) -> tuple[pd.DataFrame, str]:
@@ -315,7 +212,7 @@ def report(rows: list[Row], machine: dict[str, str], command: str) -> tuple[pd.D
         f"- command: `{command}`",
         "",
     ]
-    return frame, "\n".join(header) + markdown_table(frame) + "\n"
+    return frame, "\n".join(header) + markdown_table(frame, bench_cell)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -324,7 +221,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--data-root", help="folder holding MNIST/raw (default: the config's)")
     parser.add_argument("--train-size", type=int, help="training images (default: all)")
-    parser.add_argument("--batch-size", type=int, help="training batch (default 128; smoke 32)")
+    parser.add_argument(
+        "--batch-size", type=int, help="training batch (default 128; smoke: debug=tiny's)"
+    )
     parser.add_argument(
         "--target-acc",
         action="append",
@@ -333,7 +232,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"test accuracy (%%) to reach; defaults {DEFAULT_TARGETS}",
     )
     parser.add_argument("--time-budget-s", type=float, default=120.0, help="0: skip that part")
-    parser.add_argument("--smoke", action="store_true", help="CI-sized: synthetic data, seconds")
+    parser.add_argument("--smoke", action="store_true", help="CI-sized (debug=tiny), seconds")
     parser.add_argument("--out", default="noprop-bench", help="writes OUT.csv and OUT.md")
     parser.add_argument(
         "--tracking-uri",
@@ -367,7 +266,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--target-acc takes VARIANT=ACC, e.g. dt=99.4; got {item!r}")
     args.target_acc = targets
     args.infer_steps = [int(s) for s in args.infer_steps.split(",")]
-    small, full = (32, 1, 2, 16), (128, 3, 20, None)
+    small, full = (None, 1, 2, 16), (128, 3, 20, None)  # smoke: debug=tiny's batch size
     defaults = small if args.smoke else full
     for name, default in zip(
         ("batch_size", "warmup_steps", "train_steps", "infer_images"), defaults, strict=True
@@ -381,12 +280,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """noprop-bench: training and inference speed of each variant; see the module docstring."""
     args = parse_args(argv)
     device = resolve_device(args.device)
-    machine = describe_machine(device)
+    machine = measure.describe_machine(device)
     command = shlex.join(["noprop-bench", *(sys.argv[1:] if argv is None else argv)])
     client = MlflowClient(args.tracking_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
-    bench_run = client.create_run(experiment_id, run_name=f"noprop-bench {machine['gpu']}")
+    bench_run = client.create_run(
+        experiment_id(client, EXPERIMENT), run_name=f"noprop-bench {machine['gpu']}"
+    )
     run_id = bench_run.info.run_id
     rows, failed = [], []
     try:
@@ -424,7 +323,7 @@ def log_to_mlflow(
     """The machine and options as params, every figure as metric `<variant>/<column>`."""
     params = machine | {
         "variants": ",".join(args.variants),
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or "debug=tiny",
         "smoke": args.smoke,
         "overrides": " ".join(args.override) or "none",
         "time_budget_s": args.time_budget_s,
