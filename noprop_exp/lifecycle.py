@@ -77,7 +77,7 @@ class Heartbeat:
 
     def beat(self, epochs_done: int | None = None) -> None:
         self.last = time.monotonic()
-        tags = {HEARTBEAT_TAG: f"{time.time():.0f}"}
+        tags = {HEARTBEAT_TAG: f"{time.time():.1f}"}
         if epochs_done is not None:
             tags[EPOCHS_DONE_TAG] = str(epochs_done)
         mlflow.set_tags(tags)

@@ -227,6 +227,7 @@ def test_resume_refuses_overrides_that_change_training_and_takes_more_epochs():
     assert config_hash(same_job) == config_hash(stored)
 
 
+@pytest.mark.slow  # ~18 s on the shared 2-core CPU: a multirun subprocess
 def test_a_relaunched_multirun_trains_only_the_job_that_was_killed(
     tracking_uri, monkeypatch, tmp_path
 ):
