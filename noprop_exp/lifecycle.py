@@ -1,9 +1,11 @@
 """How a training run stops: clean stops on SIGTERM / SIGINT, and a heartbeat for the others.
 
-SIGTERM (Slurm, `scancel`, `docker stop`, `kill`) and the first SIGINT (Ctrl-C) only set a flag;
-the loop finishes its minibatch, writes a checkpoint and raises `RunStopped`, which `tracked_run`
-records as KILLED with the signal and the epoch. A second Ctrl-C raises KeyboardInterrupt at
-once (still KILLED, without a new checkpoint).
+SIGTERM (Slurm, `scancel`, `docker stop`, `kill`), SIGUSR2 (what submitit asks Slurm to send
+before a time limit or on pre-emption) and the first SIGINT (Ctrl-C) only set a flag; the loop
+finishes its minibatch, writes a checkpoint and raises `RunStopped`, which `tracked_run` records
+as KILLED with the signal and the epoch. `pass_on` then hands the signal to the handler that was
+there before (submitit's: requeue the job, which continues with `train.resume=auto`). A second
+Ctrl-C raises KeyboardInterrupt at once (still KILLED, without a new checkpoint).
 
 SIGKILL or a lost machine cannot be caught: the run stays RUNNING in MLflow. Its `heartbeat`
 tag, the Unix time of the loop's last sign of life (every epoch, and every `HEARTBEAT_S` seconds
@@ -18,13 +20,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
 import mlflow
 
 HEARTBEAT_TAG = "heartbeat"
 EPOCHS_DONE_TAG = "epochs_done"
 HEARTBEAT_S = 60.0  # at most this long between heartbeats while training
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
 class RunStopped(KeyboardInterrupt):
@@ -66,6 +69,16 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def pass_on(stopped: RunStopped) -> NoReturn:
+    """After a clean stop: run the handler the signal had before the run (a launcher's, such as
+    submitit's requeue on SIGUSR2), then exit with the status of a process the signal killed."""
+    signum = signal.Signals[stopped.signal_name]
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
+    raise SystemExit(128 + signum.value)
 
 
 class Heartbeat:

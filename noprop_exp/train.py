@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import logging
 import math
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ from noprop_exp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from noprop_exp.config import Device, OptimizerName, Precision  # importing registers the schema
 from noprop_exp.data import minibatches
 from noprop_exp.evaluation import Accuracy, accuracy
-from noprop_exp.lifecycle import Heartbeat, RunStopped, stop_on_signals
+from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
 from noprop_exp.pictures import log_pictures
 from noprop_exp.resume import command_line_keys, plan_run
 from noprop_exp.tracking import tracked_run
@@ -256,11 +255,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)["test_acc"]
     except RunStopped as stopped:
-        # The exit status of a process killed by the signal, as Slurm and shells expect.
-        log.warning(
-            "stopped by %s; resume with train.resume=<run id> or train.resume=auto", stopped
-        )
-        raise SystemExit(128 + signal.Signals[stopped.signal_name].value) from None
+        log.warning("stopped by %s; continue with train.resume=<run id> or =auto", stopped)
+        pass_on(stopped)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 import noprop_exp.train as train_module
-from noprop_exp.lifecycle import RunStopped, StopRequest
+from noprop_exp.lifecycle import RunStopped, StopRequest, pass_on
 from noprop_exp.resume import ResumeError, config_hash, merged_config
 from noprop_exp.stale import main as stale_main
 from noprop_exp.train import run
@@ -212,6 +212,19 @@ def test_a_second_ctrl_c_stops_at_once():
     assert request.signal_name == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
         request.handle(signal.SIGINT, None)
+
+
+def test_a_stopped_run_passes_its_signal_on_to_the_launchers_handler():
+    """submitit's SIGUSR2 handler requeues the job: it must still run after the clean stop."""
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(SystemExit) as exited:
+            pass_on(RunStopped("SIGUSR2", 3))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [signal.SIGUSR2]
+    assert exited.value.code == 128 + signal.SIGUSR2
 
 
 def test_resume_refuses_overrides_that_change_training_and_takes_more_epochs():
