@@ -156,7 +156,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
             # the run was stopped in.
             loop = load_checkpoint(tracker.run_id, method, optimizer, shuffle)
             metrics = tracker.latest_metrics()
-            log.info("continuing from epoch %d, batch %d", loop.epoch + 1, loop.step)
+            log.info("continuing epoch %d after %d minibatches", loop.epoch + 1, loop.step)
         heartbeat = Heartbeat()
         heartbeat.beat()
         progress = tqdm(
