@@ -50,8 +50,9 @@ MUTABLE_KEYS = (
 CONFIG_HASH_TAG = "config_hash"
 # Tags of an earlier stop or failure, removed when the run is continued.
 STALE_TAGS = ("stopped.signal", "stopped.epoch", "failure.reason")
-INTERRUPTED = {RunStatus.to_string(RunStatus.KILLED), RunStatus.to_string(RunStatus.RUNNING)}
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+# RUNNING: a process that died without a word (SIGKILL, a lost machine); FINISHED: fewer epochs.
+RESUMABLE = {FINISHED, *(RunStatus.to_string(s) for s in (RunStatus.KILLED, RunStatus.RUNNING))}
 
 
 class ResumeError(ValueError):
@@ -99,12 +100,13 @@ def plan_run(cfg: DictConfig, given: list[str] | None) -> Plan:
     run = get_run(client, cfg.train.resume, cfg.mlflow.tracking_uri)
     if not has_checkpoint(run.data.tags):
         raise ResumeError(f"run {run.info.run_id} has no checkpoint to continue from")
-    if run.info.status == FINISHED and epochs_done(run) >= cfg_epochs(cfg, run, given):
+    merged = merged_config(cfg, stored_config(client, run), given)
+    if run.info.status == FINISHED and epochs_done(run) >= merged.train.epochs:
         raise ResumeError(
             f"run {run.info.run_id} already finished its {epochs_done(run)} epochs: "
             "raise train.epochs to train it further"
         )
-    return reopen(client, run, merged_config(cfg, stored_config(client, run), given))
+    return reopen(client, run, merged)
 
 
 def plan_auto(client: MlflowClient, cfg: DictConfig, fresh: Plan) -> Plan:
@@ -123,9 +125,7 @@ def plan_auto(client: MlflowClient, cfg: DictConfig, fresh: Plan) -> Plan:
     if run.info.status == FINISHED and epochs_done(run) >= cfg.train.epochs:
         log.info("train.resume=auto: run %s already finished this job: skipped", run.info.run_id)
         return Plan(cfg, finished=dict(run.data.metrics))
-    if (run.info.status in INTERRUPTED or run.info.status == FINISHED) and has_checkpoint(
-        run.data.tags
-    ):
+    if run.info.status in RESUMABLE and has_checkpoint(run.data.tags):
         log.info("train.resume=auto: continuing run %s (%s)", run.info.run_id, run.info.status)
         return reopen(client, run, cfg)
     return fresh
@@ -145,13 +145,6 @@ def stored_config(client: MlflowClient, run: Run) -> DictConfig:
 
 def epochs_done(run: Run) -> int:
     return int(run.data.tags.get(EPOCHS_DONE_TAG, 0))
-
-
-def cfg_epochs(cfg: DictConfig, run: Run, given: list[str] | None) -> int:
-    """The epochs the resumed run will train to: the given train.epochs, else the run's own."""
-    if given is None or "train.epochs" in given:
-        return cfg.train.epochs
-    return int(run.data.params["train.epochs"])
 
 
 def merged_config(cfg: DictConfig, stored: DictConfig, given: list[str] | None) -> DictConfig:
@@ -174,7 +167,7 @@ def merged_config(cfg: DictConfig, stored: DictConfig, given: list[str] | None) 
             "Drop them, or start a new run."
         )
     merged = OmegaConf.create(OmegaConf.to_container(stored, resolve=True))
-    always = ["train.resume", "mlflow.tracking_uri", "mlflow.experiment_name"]
+    always = ["train.resume", "mlflow.tracking_uri"]  # where the run was just found
     for key in {*always, *(k for k in keys if is_mutable(k))}:
         if key in flat:
             OmegaConf.update(merged, key, flat[key], merge=False)

@@ -123,6 +123,17 @@ def test_sigterm_after_second_epoch_ends_killed_with_a_checkpoint_and_resumes_ex
     assert_same_run(tracking_uri, run_id, the_run(tracking_uri, "reference").info.run_id, tmp_path)
 
 
+def test_a_finished_run_trains_further_when_train_epochs_is_raised(tracking_uri):
+    run(*config(tracking_uri, "train.epochs=1", "mlflow.log_model=false"))
+    run_id = the_run(tracking_uri).info.run_id
+    with pytest.raises(ResumeError, match=r"raise train\.epochs"):
+        run(*config(tracking_uri, "train.epochs=1", f"train.resume={run_id}"))
+    run(*config(tracking_uri, "train.epochs=2", f"train.resume={run_id}", "mlflow.log_model=false"))
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "test_acc")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert the_run(tracking_uri).info.status == "FINISHED"
+
+
 @pytest.mark.parametrize(
     "variant",
     [
