@@ -49,6 +49,9 @@ class TrainConfig:
     precision: Precision = Precision.fp32  # bf16: autocast of forward passes (train and eval)
     compile: bool = False  # torch.compile each of the method's networks
     fused_optimizer: bool = True  # Adam(W) as one fused kernel (false: torch's default loop)
+    # Epochs between checkpoints (checkpoint.py); 0: only on a signal and after the last epoch.
+    checkpoint_every: int = 1
+    resume: str | None = None  # a run id to continue, or `auto` (resume.py); null: a new run
 
 
 @dataclass

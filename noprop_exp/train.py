@@ -1,8 +1,10 @@
 """Train one method on one dataset and record it in MLflow. Hydra entry point: `noprop-train`.
 
-Reads top to bottom: assemble the run from the config, open the MLflow run, then for each epoch
-train on every minibatch (timed, evaluation excluded), evaluate on the test set every
-`eval.every` epochs, log; at the end log the accuracy-versus-time table and the weights.
+Reads top to bottom: decide whether to start, continue or skip a run (`train.resume`), assemble
+the run from the config, open the MLflow run (restoring its checkpoint when continuing), then for
+each epoch train on every minibatch (timed, evaluation excluded), evaluate on the test set every
+`eval.every` epochs, log, checkpoint every `train.checkpoint_every` epochs; at the end log the
+weights. SIGTERM or Ctrl-C stops the loop after its minibatch with a checkpoint (lifecycle.py).
 One epoch is one pass over the training set; on each minibatch the method takes the optimiser
 steps it asks for (NoProp-DT: all T blocks at once, then its extra head steps).
 """
@@ -10,6 +12,7 @@ steps it asks for (NoProp-DT: all T blocks at once, then its extra head steps).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -24,10 +27,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from noprop_exp.assemble import assemble, resolve_device
+from noprop_exp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from noprop_exp.config import Device, OptimizerName, Precision  # importing registers the schema
 from noprop_exp.data import minibatches
 from noprop_exp.evaluation import Accuracy, accuracy_on_test
+from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
+from noprop_exp.resume import command_line_keys, plan_run
 from noprop_exp.tracking import tracked_run
+from noprop_exp.validation import check_run_config
 from noprop_exp.variants.base import Diagnostics, Method
 
 log = logging.getLogger(__name__)
@@ -90,20 +97,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_finite(value: float, where: str) -> None:
+def check_finite(value: float, where: str, precision: str) -> None:
     if not math.isfinite(value):
-        raise FloatingPointError(
-            f"training loss became {value} {where}; lower train.lr, or try train.precision=fp32"
-        )
+        advice = "lower train.lr"
+        if Precision(precision) is not Precision.fp32:
+            advice += ", or try train.precision=fp32"
+        raise FloatingPointError(f"training loss became {value} {where}; {advice}")
 
 
 def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, float]:
     """Train and evaluate as `cfg` says; returns the last epoch's metrics.
 
     `choices` (config group -> option) become MLflow tags; by default Hydra's runtime choices.
+    `train.resume` may continue an earlier run or skip a finished one (`resume.py`).
     """
     if choices is None:
         choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    plan = plan_run(cfg, command_line_keys())
+    if plan.finished is not None:
+        return plan.finished
+    cfg = plan.cfg
+    check_run_config(cfg)
+    precision = cfg.train.precision
     device = resolve_device(Device(cfg.device).value)
     torch.manual_seed(cfg.seed)
     run_parts = assemble(cfg, device)
@@ -124,52 +139,88 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         with autocast(cfg.train.precision, device):
             return accuracy_on_test(method, data, cfg.eval, num_steps, solver)
 
-    with tracked_run(cfg, choices) as tracker:
+    with (
+        tracked_run(cfg, choices, plan.tags, plan.run_id) as tracker,
+        stop_on_signals() as stop,
+    ):
         log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
-        progress = tqdm(total=cfg.train.epochs * batches_per_epoch, disable=None, unit="batch")
-        train_time_s, history, metrics = 0.0, [], {}
-        for epoch in range(1, cfg.train.epochs + 1):
+        loop, metrics = LoopState(), {}
+        if plan.run_id is not None:
+            # After every draw from the generators above, so that they continue from the state
+            # the run was stopped in.
+            loop = load_checkpoint(tracker.run_id, method, optimizer, shuffle)
+            metrics = tracker.latest_metrics()
+            log.info("continuing epoch %d after %d minibatches", loop.epoch + 1, loop.step)
+        heartbeat = Heartbeat()
+        heartbeat.beat()
+        progress = tqdm(
+            total=cfg.train.epochs * batches_per_epoch,
+            initial=loop.epoch * batches_per_epoch + loop.step,
+            disable=None,
+            unit="batch",
+        )
+        for epoch in range(loop.epoch + 1, cfg.train.epochs + 1):
             method.train()
-            sums: dict[str, torch.Tensor] = {}
+            if loop.step == 0:
+                loop.sums, loop.epoch_shuffle_state = {}, shuffle.get_state()
+            else:  # resumed mid-epoch: draw the epoch's permutation again, skip the done batches
+                shuffle.set_state(loop.epoch_shuffle_state)
             synchronize(device)
             started = time.perf_counter()
             batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
-            for step, (x, y) in enumerate(batches):
+            for x, y in itertools.islice(batches, loop.step, None):
+                step = loop.step
                 main_loss, diagnostics = train_step(method, optimizer, x, y, cfg.train.precision)
+                loop.step += 1
                 for name, value in {"train_loss": main_loss, **diagnostics}.items():
-                    sums[name] = sums.get(name, 0.0) + value
+                    loop.sums[name] = loop.sums.get(name, 0.0) + value
                 if step % cfg.train.log_every == 0:  # syncs with the device: not every step
-                    check_finite(main_loss.item(), f"at epoch {epoch}, batch {step}")
+                    check_finite(main_loss.item(), f"at epoch {epoch}, batch {step}", precision)
                     progress.set_postfix(epoch=epoch, loss=f"{main_loss.item():.4f}", refresh=False)
+                    heartbeat.maybe_beat()
                 progress.update()
+                if stop:
+                    break
             synchronize(device)
-            train_time_s += time.perf_counter() - started
+            loop.train_time_s += time.perf_counter() - started
+            if stop and loop.step < batches_per_epoch:
+                save_checkpoint(tracker.run_id, method, optimizer, shuffle, loop)
+                raise RunStopped(stop.signal_name, epoch)
 
-            metrics = {name: (total / batches_per_epoch).item() for name, total in sums.items()}
-            check_finite(metrics["train_loss"], f"on average in epoch {epoch}")
-            metrics["train_time_s"] = train_time_s
+            metrics = {k: (total / batches_per_epoch).item() for k, total in loop.sums.items()}
+            check_finite(metrics["train_loss"], f"on average in epoch {epoch}", precision)
+            metrics["train_time_s"] = loop.train_time_s
             if device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
                 result = test_accuracy(steps)
                 metrics |= {"test_acc": result.mean, "test_acc_se": result.se}
                 metrics |= method.diagnostics()
-                history.append(
+                loop.history.append(
                     {
                         "epoch": epoch,
-                        "train_time_s": train_time_s,
+                        "train_time_s": loop.train_time_s,
                         "test_acc": result.mean,
                         "test_acc_se": result.se,
                     }
                 )
+                tracker.log_table(loop.history, "acc_vs_time.json")
                 progress.set_postfix(
                     epoch=epoch, loss=f"{metrics['train_loss']:.4f}", test_acc=f"{result.mean:.2f}"
                 )
             tracker.log_metrics(metrics, step=epoch)
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            loop.epoch, loop.step = epoch, 0
+            every = cfg.train.checkpoint_every
+            if stop or epoch == cfg.train.epochs or (every and epoch % every == 0):
+                save_checkpoint(tracker.run_id, method, optimizer, shuffle, loop)
+            heartbeat.beat(epochs_done=epoch)
+            if stop:
+                raise RunStopped(stop.signal_name, epoch)
         progress.close()
+        if stop:  # before the evaluations and pictures of the end, which may take long
+            raise RunStopped(stop.signal_name, loop.epoch)
 
-        tracker.log_table(history, "acc_vs_time.json")
         if cfg.eval.steps_sweep:
             by_steps = []
             for n in cfg.eval.steps_sweep:
@@ -198,7 +249,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)["test_acc"]
+    try:
+        return run(cfg)["test_acc"]
+    except RunStopped as stopped:
+        log.warning("stopped by %s; continue with train.resume=<run id> or =auto", stopped)
+        pass_on(stopped)
 
 
 if __name__ == "__main__":

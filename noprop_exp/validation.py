@@ -36,6 +36,7 @@ AT_LEAST = {
     "train.epochs": 1,
     "train.batch_size": 1,
     "train.log_every": 1,
+    "train.checkpoint_every": 0,
     "eval.every": 1,
     "eval.repeats": 1,
     "eval.batch_size": 1,
