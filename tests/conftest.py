@@ -55,6 +55,12 @@ def tiny_config(tracking_uri: str) -> Callable[..., tuple[DictConfig, dict[str, 
     return make
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Each test runs in its tmp_path (outside_the_checkout): a relative data root must not move.
+    if root := os.environ.get("NOPROP_DATA_DIR"):
+        os.environ["NOPROP_DATA_DIR"] = str(Path(root).resolve())
+
+
 def missing_mnist() -> str | None:
     """Why real MNIST is not where the dataset configs read it ($NOPROP_DATA_DIR), or None."""
     root = os.environ.get("NOPROP_DATA_DIR")
@@ -70,7 +76,10 @@ def missing_mnist() -> str | None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("needs_mnist") is None or (reason := missing_mnist()) is None:
         return
-    reason += f" (needs_mnist: NOPROP_DATA_DIR/MNIST/raw/ with {', '.join(MNIST_FILES)}[.gz])"
+    reason = (
+        f"real MNIST not found ({reason}): needs_mnist tests read "
+        f"$NOPROP_DATA_DIR/MNIST/raw/{{{','.join(MNIST_FILES)}}}[.gz]"
+    )
     # CI provides the data: there a missing file must fail, not quietly skip the real-data tests.
     if os.environ.get("CI") == "true":
         pytest.fail(reason, pytrace=False)
