@@ -4,7 +4,7 @@ working directory outside the checkout, and the `needs_mnist` marker's one skip 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,7 @@ def tiny_config(tracking_uri: str) -> Callable[..., tuple[DictConfig, dict[str, 
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Each test runs in its tmp_path (outside_the_checkout): a relative data root must not move.
+    # The tests run in a temporary directory (outside_the_checkout): keep a relative root valid.
     if root := os.environ.get("NOPROP_DATA_DIR"):
         os.environ["NOPROP_DATA_DIR"] = str(Path(root).resolve())
 
@@ -92,7 +92,10 @@ def mnist_root() -> Path:
     return Path(os.environ["NOPROP_DATA_DIR"])
 
 
-@pytest.fixture(autouse=True)
-def outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run each test in its tmp_path: MLflow puts artifacts in ./mlruns, Hydra writes ./outputs."""
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run the tests in a temporary directory: MLflow puts artifacts in ./mlruns, Hydra writes
+    ./outputs. Session-wide, so that module-scoped fixtures that train run there too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
