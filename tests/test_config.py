@@ -78,10 +78,27 @@ def test_paper_preset_sets_the_papers_settings(compose_config):
     assert cfg.eval.repeats == 5
 
 
+def test_small_presets_compose_from_the_main_config_tree(compose_config):
+    cfg, choices = compose_config(["experiment=small/mnist_ct"])
+    assert choices["experiment"] == "small/mnist_ct"
+    assert (cfg.variant.name, cfg.eval.steps, cfg.train.epochs) == ("ct", 20, 100)
+
+
+@pytest.mark.parametrize("option", group_options("debug"))
+def test_debug_options_shrink_the_paper_presets(compose_config, option):
+    """debug comes last in the defaults list, so it wins over the preset's 100 epochs."""
+    cfg, choices = compose_config(["experiment=paper/mnist_dt", f"debug={option}"])
+    assert choices["debug"] == option
+    assert cfg.train.epochs <= 2 and cfg.dataset.train_size <= 1000
+
+
 def test_dataset_root_defaults_to_the_environment_variable(compose_config, monkeypatch):
     monkeypatch.setenv("NOPROP_DATA_DIR", "/somewhere/data")
-    cfg, _ = compose_config([])
+    cfg, choices = compose_config([])
+    assert choices["paths"] == "default"
     assert cfg.dataset.root == "/somewhere/data"
+    monkeypatch.delenv("NOPROP_DATA_DIR")
+    assert compose_config([])[0].dataset.root == "./data"
 
 
 def test_schedules_and_solvers_instantiate(compose_config):

@@ -20,21 +20,14 @@ from omegaconf import OmegaConf
 
 from noprop_exp import data
 from noprop_exp.data import DatasetNotFoundError, minibatches
-from tests.conftest import compose_run_config
+from tests.conftest import MNIST_FILES, compose_run_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-REAL_DATA = Path("/work/shared/data")
 
 # Published normalisation constants, written out here independently of the module under test.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-MNIST_FILES = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-]
 CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
 
@@ -288,11 +281,9 @@ def test_missing_lists_only_absent_files(tmp_path: Path) -> None:
     assert "data_batch_1" not in missing_line and "data_batch_2" in missing_line
 
 
-@pytest.mark.skipif(
-    not (REAL_DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not at {REAL_DATA}/MNIST/raw"
-)
-def test_real_mnist_subset() -> None:
-    splits = data.mnist(str(REAL_DATA), train_size=2000, test_size=500, download=False)
+@pytest.mark.needs_mnist
+def test_real_mnist_subset(mnist_root: Path) -> None:
+    splits = data.mnist(str(mnist_root), train_size=2000, test_size=500, download=False)
     assert splits.train_x.shape == (2000, 1, 28, 28) and splits.test_x.shape == (500, 1, 28, 28)
     assert splits.train_y.min() == 0 and splits.train_y.max() == 9
     assert splits.test_y.min() >= 0 and splits.test_y.max() <= 9

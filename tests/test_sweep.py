@@ -32,21 +32,12 @@ from noprop_exp.report import report_from_mlflow
 from noprop_exp.sweep import SweepParentRun, sweep_overrides
 from noprop_exp.tracking import PARENT_RUN_ENV
 from noprop_exp.train import run
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
-# Tiny jobs: a second or two each once Python has started.
-TINY_JOB = [
-    "dataset=synthetic",
-    "dataset.train_size=128",
-    "dataset.test_size=64",
-    "train.epochs=1",
-    "train.batch_size=64",
-    "device=cpu",
-    "eval.pictures=false",
-    "mlflow.log_model=false",
-]
+# Tiny jobs, a second or two each once Python has started: nothing saved beside the metrics.
+TINY_JOB = [*TINY, "train.epochs=1", "eval.pictures=false", "mlflow.log_model=false"]
 
 
 @pytest.fixture(scope="session")
@@ -95,13 +86,24 @@ def parent_and_children(tracking_uri: str):
     return parents[0], sorted(children, key=lambda r: r.data.params["train.lr"])
 
 
-@pytest.mark.parametrize("launcher", ["basic", "parallel", "slurm_local"])
+@pytest.mark.parametrize(
+    "launcher",
+    # The basic launcher runs the jobs in this process; the others start a process per job.
+    [
+        "basic",
+        pytest.param("parallel", marks=pytest.mark.slow),
+        pytest.param("slurm_local", marks=pytest.mark.slow),
+    ],
+)
 def test_a_failed_job_fails_the_parent_by_name_and_leaves_the_others_finished(
     tmp_path, store, launcher
 ):
     # Job #0's loss overflows (FloatingPointError inside its MLflow run); job #1 is healthy
-    # and, with the basic launcher, runs in the same process right after the failure.
-    result = multirun(tmp_path, store, f"hydra/launcher={launcher}", "train.lr=1e30,1e-3")
+    # and, with the basic launcher, runs in the same process right after the failure. The
+    # dataset choice (debug=tiny's own) is repeated so that the parent records a group choice.
+    result = multirun(
+        tmp_path, store, f"hydra/launcher={launcher}", "dataset=synthetic", "train.lr=1e30,1e-3"
+    )
     assert result.returncode != 0  # Hydra reports the failed job once all jobs have returned
     assert "FloatingPointError" in result.stderr
 
@@ -233,6 +235,7 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_server):
     result = multirun(tmp_path, mlflow_server, "seed=0,1")
     assert result.returncode == 0, result.stderr

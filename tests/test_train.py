@@ -17,9 +17,7 @@ from mlflow.tracking import MlflowClient
 from noprop_exp.evaluation import main as evaluate_main
 from noprop_exp.train import run
 from noprop_exp.variants.dt import NoPropDT
-from tests.conftest import SHARED_DATA, TINY
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import TINY
 
 
 def only_run(tracking_uri: str, experiment: str = "noprop"):
@@ -39,7 +37,7 @@ def test_cli_records_params_tags_metrics_and_artifacts(tmp_path, tracking_uri, c
         f"mlflow.tracking_uri={tracking_uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    subprocess.run(command, check=True, capture_output=True, text=True)
 
     client, logged = only_run(tracking_uri)
     assert logged.info.status == "FINISHED"
@@ -114,7 +112,7 @@ def test_missing_data_stops_before_training_and_names_the_files(tmp_path, tracki
         f"mlflow.tracking_uri={tracking_uri}",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
     assert str(tmp_path / "nowhere") in result.stderr
     assert "train-images-idx3-ubyte" in result.stderr
@@ -123,15 +121,11 @@ def test_missing_data_stops_before_training_and_names_the_files(tmp_path, tracki
     ).search_experiments(filter_string="name = 'noprop'")
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "MNIST" / "raw").is_dir(),
-    reason="real MNIST not found beside the checkout (../shared/data)",
-)
+@pytest.mark.needs_mnist
 def test_dt_learns_real_mnist(tiny_config, capsys):
     torch.manual_seed(0)
     cfg, choices = tiny_config(
         "dataset=mnist",
-        f"dataset.root={SHARED_DATA}",
         "dataset.download=false",
         "dataset.train_size=6000",
         "dataset.test_size=1000",
