@@ -85,7 +85,8 @@ class MLflowConfig:
 @dataclass
 class PathsConfig:
     # Datasets are read from (and downloaded into) <data_root>/MNIST, /cifar-10-batches-py, ...
-    data_root: str = "${oc.env:NOPROP_DATA_DIR,./data}"
+    # Its default ($NOPROP_DATA_DIR, else ./data) is set in conf/paths/default.yaml.
+    data_root: str = MISSING
 
 
 @dataclass

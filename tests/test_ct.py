@@ -20,7 +20,6 @@ from noprop_exp.assemble import assemble
 from noprop_exp.schedules import LearnedSchedule
 from noprop_exp.solvers import DDIMSolver, EulerSolver, HeunSolver, PosteriorSolver
 from noprop_exp.train import run
-from tests.conftest import SHARED_DATA
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -313,16 +312,13 @@ def test_ct_defaults_and_paper_presets(compose_config):
             )
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "MNIST" / "raw").is_dir(),
-    reason="real MNIST not found beside the checkout (../shared/data)",
-)
+@pytest.mark.slow
+@pytest.mark.needs_mnist
 def test_ct_learns_real_mnist(tiny_config, capsys):
     torch.manual_seed(0)
     cfg, choices = tiny_config(
         "variant=ct",
         "dataset=mnist",
-        f"dataset.root={SHARED_DATA}",
         "dataset.download=false",
         "dataset.train_size=10000",
         "dataset.test_size=1000",

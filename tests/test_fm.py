@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from noprop_exp.assemble import assemble
 from noprop_exp.solvers import EulerSolver, HeunSolver
 from noprop_exp.train import run
-from tests.conftest import SHARED_DATA
 from tests.test_ct import RecordingHead, RecordingNetwork
 
 CPU = torch.device("cpu")
@@ -150,16 +149,13 @@ def test_fm_learns_the_synthetic_dataset(tiny_config):
     assert metrics["test_acc"] > 60.0  # chance: 10%
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "MNIST" / "raw").is_dir(),
-    reason="real MNIST not found beside the checkout (../shared/data)",
-)
+@pytest.mark.slow
+@pytest.mark.needs_mnist
 def test_fm_learns_real_mnist(tiny_config, capsys):
     torch.manual_seed(0)
     cfg, choices = tiny_config(
         "variant=fm",
         "dataset=mnist",
-        f"dataset.root={SHARED_DATA}",
         "dataset.download=false",
         "dataset.train_size=6000",
         "dataset.test_size=1000",
