@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import hydra
 import torch
@@ -28,7 +27,12 @@ from tqdm import tqdm
 
 from noprop_exp.assemble import assemble, resolve_device
 from noprop_exp.checkpoint import LoopState, load_checkpoint, save_checkpoint
-from noprop_exp.config import Device, OptimizerName, Precision  # importing registers the schema
+from noprop_exp.config import (  # importing registers the schema
+    CONF_DIR,
+    Device,
+    OptimizerName,
+    Precision,
+)
 from noprop_exp.data import minibatches
 from noprop_exp.evaluation import Accuracy, accuracy_on_test
 from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
@@ -244,10 +248,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
 
 # An absolute path: the console script imports this module as a package, where Hydra would
 # resolve a relative path inside the package rather than next to it.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)["test_acc"]

@@ -8,12 +8,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import noprop_exp.config  # noqa: F401  (registers the schema)
+from noprop_exp.config import compose
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MNIST_FILES = [
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -25,14 +23,7 @@ MNIST_FILES = [
 TINY = ["debug=tiny"]
 
 
-def compose_run_config(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
-    """Compose conf/config.yaml with overrides; returns the job config and the group choices."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, choices
+compose_run_config = compose
 
 
 @pytest.fixture
