@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from noprop_exp import bench
 from noprop_exp.assemble import assemble
+from noprop_exp.config import CONF_DIR
 from noprop_exp.train import compile_networks, make_optimizer, train_step
-from tests.conftest import CONF_DIR
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

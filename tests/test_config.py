@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
-from tests.conftest import CONF_DIR
+from noprop_exp.config import CONF_DIR
 
 GROUPS = ("dataset", "backbone", "variant", "noise_schedule", "solver", "embedding")
 

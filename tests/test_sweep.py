@@ -28,11 +28,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
 from noprop_exp import paper
+from noprop_exp.config import CONF_DIR
 from noprop_exp.report import report_from_mlflow
 from noprop_exp.sweep import SweepParentRun, sweep_overrides
 from noprop_exp.tracking import PARENT_RUN_ENV
 from noprop_exp.train import run
-from tests.conftest import CONF_DIR, TINY
+from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
