@@ -219,7 +219,7 @@ def test_baselines_learn_synthetic_data_and_are_recorded_like_the_others(
     ],
 )
 def test_paper_presets_carry_the_papers_settings(compose_config, dataset, variant, epochs):
-    """Spec section 8: batch 128, AdamW, lr and weight decay 1e-3; adjoint 1000 steps."""
+    """docs/NOPROP_SPEC.md §8: batch 128, AdamW, lr and weight decay 1e-3; adjoint 1000 steps."""
     cfg, choices = compose_config([f"experiment=paper/{dataset}_{variant}"])
     assert (choices["dataset"], choices["variant"], choices["backbone"]) == (
         dataset,
