@@ -109,7 +109,7 @@ def posterior_coefficients(
 
 def probability_flow(denoise: Field, schedule: NoiseSchedule) -> Field:
     """The velocity of NoProp-CT's PF-ODE (docs/NOPROP_SPEC.md §3), given a denoiser u_hat(z, t):
-    dz/dt = ab'(t)/(2(1-ab(t))) * (u_hat/sqrt(ab) - z).
+    dz/dt = ab'(t)/(2(1-ab(t))) * (u_hat/sqrt(ab) - z), with ab'/(1-ab) = SNR'/(1+SNR).
 
     Why this ODE: for a known u the path z_t = sqrt(ab) u + sqrt(1-ab) eps has
     dz/dt = ab'/(2 sqrt(ab)) u - ab'/(2 sqrt(1-ab)) eps; eliminating eps with the path itself
@@ -118,7 +118,10 @@ def probability_flow(denoise: Field, schedule: NoiseSchedule) -> Field:
 
     def velocity(z: Tensor, t: Tensor) -> Tensor:
         ab = schedule.alpha_bar(t)
-        rate = schedule.alpha_bar_prime(t) / (2 * (1 - ab))
+        # ab' / (2 (1 - ab)) written as SNR' / (2 (1 + SNR)): the same rate, but 1 - ab rounds
+        # to 0 near t = 1 (fp32, a learned gamma_0 below ~-16.6) where SNR stays exact.
+        ratio = snr(schedule, t)
+        rate = snr_prime(schedule, t) / (2 * (1 + ratio))
         return rate * (denoise(z, t) / ab.sqrt() - z)
 
     return velocity

@@ -12,6 +12,7 @@ import torch
 from noprop_exp.diffusion import (
     discrete_alpha_bars,
     posterior_coefficients,
+    probability_flow,
     sample_times,
     snr,
     snr_prime,
@@ -173,3 +174,21 @@ def test_each_sampled_time_is_uniform(mode):
     assert draws.min() >= 0 and draws.max() < 1
     for column in draws.T:  # every example's t, on its own, is U[0, 1]: mean 1/2, var 1/12
         assert abs(column.mean() - 0.5) < 0.02 and abs(column.var() - 1 / 12) < 0.006
+
+
+def test_the_flow_velocity_stays_finite_at_t_1_when_alpha_bar_rounds_to_one() -> None:
+    """gamma_0 = -20: alpha_bar(1) = sigmoid(20) is 1.0 in float32, 1 - alpha_bar is 0."""
+    schedule = LearnedSchedule(gamma_0=-20.0, gamma_1=7.0)
+    t = torch.tensor(1.0)
+    assert schedule.alpha_bar(t).item() == 1.0  # the case this test is about
+    u = torch.tensor([[1.0, 0.0, 0.0]])
+    z = torch.tensor([[0.5, -0.2, 0.1]])
+    velocity = probability_flow(lambda _z, _t: u, schedule)(z, t)
+    # Independent float64 value: rate = -gamma'(1) sigmoid(-gamma(1)) / 2.
+    t64 = t.double().requires_grad_(True)
+    gamma = schedule.gamma(t64)
+    (gamma_prime,) = torch.autograd.grad(gamma, t64)
+    ab = torch.sigmoid(-gamma.detach())
+    expected = -gamma_prime * ab / 2 * (u.double() / ab.sqrt() - z.double())
+    assert torch.isfinite(velocity).all()
+    torch.testing.assert_close(velocity.double(), expected, rtol=1e-4, atol=1e-6)
