@@ -93,8 +93,8 @@ def open_store(tracking_uri: str) -> MlflowClient:
     path = store_path(tracking_uri)
     if path is not None and not path.exists():
         raise UserError(f"no MLflow store at {describe(tracking_uri)}: {WHERE_TO_RUN}")
-    client = MlflowClient(tracking_uri)
-    try:
+    try:  # a local store is opened, and its schema checked, as the client is made
+        client = MlflowClient(tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as error:  # a foreign file, an old schema, a server that does not answer
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
