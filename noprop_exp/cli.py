@@ -124,14 +124,18 @@ def run_with_weights(client: MlflowClient, run_id: str) -> Run:
         return run
     tags, status = run.data.tags, run.info.status
     reason = f": {tags[FAILURE_TAG]}" if FAILURE_TAG in tags else ""
-    if CHECKPOINT_TAG in tags:
+    if status == "FINISHED":
+        advice = (
+            "it was trained with mlflow.log_model=false: train it again with mlflow.log_model=true"
+        )
+    elif CHECKPOINT_TAG in tags:
         epoch = tags[CHECKPOINT_TAG].partition("@")[2].partition(".")[0]
         advice = (
             f"it has a checkpoint after epoch {epoch}: continue it with "
             f"noprop-train train.resume={run_id}, then evaluate it"
         )
     else:
-        advice = "it was trained with mlflow.log_model=false or stopped before the end"
+        advice = "it stopped before its first checkpoint: train it again"
     raise UserError(
         f"run {run_id} (status {status}{reason}) has no {WEIGHTS} (no logged weights);\n{advice}"
     )

@@ -97,14 +97,23 @@ def test_a_failed_run_with_a_checkpoint_says_how_to_continue_it(store, tracking_
     assert same()
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_to_be_trained_again(
+    store, tracking_uri, capsys
+):
+    run_id = store.create_run(store.get_experiment_by_name("noprop").experiment_id).info.run_id
+    store.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    err = fails(evaluation.main, [run_id, "--tracking-uri", tracking_uri], capsys)
+    assert err.endswith("\nit stopped before its first checkpoint: train it again\n")
+
+
 def test_a_run_logged_without_weights_says_why(store, tracking_uri, capsys):
     run_id = store.create_run(store.get_experiment_by_name("noprop").experiment_id).info.run_id
     store.set_terminated(run_id)
     err = fails(pictures.main, [run_id, "--tracking-uri", tracking_uri], capsys)
     assert err == (
         f"noprop-pictures: run {run_id} (status FINISHED) has no model/state_dict.pt "
-        "(no logged weights);\nit was trained with mlflow.log_model=false or stopped before "
-        "the end\n"
+        "(no logged weights);\nit was trained with mlflow.log_model=false: train it again with "
+        "mlflow.log_model=true\n"
     )
 
 
