@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from tqdm import tqdm
 
 from noprop_exp.assemble import Assembled, assemble, resolve_device
-from noprop_exp.config import default_tracking_uri
+from noprop_exp.cli import WEIGHTS, add_tracking_uri, open_store, run_command, run_with_weights
 from noprop_exp.data import DataSplits
 from noprop_exp.solvers import Solver
 from noprop_exp.variants.base import Method
@@ -38,13 +39,15 @@ def predict_labels(
     solver: Solver,
     batch_size: int,
     generator: torch.Generator | None = None,
+    progress: tqdm | None = None,
 ) -> Tensor:
-    """Predicted class of every image, in batches."""
+    """Predicted class of every image, in batches (each one counted on `progress`)."""
     method.eval()
-    predictions = [
-        method.predict(batch, steps, solver, generator).argmax(dim=1)
-        for batch in images.split(batch_size)
-    ]
+    predictions = []
+    for batch in images.split(batch_size):
+        predictions.append(method.predict(batch, steps, solver, generator).argmax(dim=1))
+        if progress is not None:
+            progress.update()
     return torch.cat(predictions)
 
 
@@ -57,13 +60,24 @@ def accuracy(
     batch_size: int = 1000,
     repeats: int = 1,
     seed: int = 1234,
+    progress: bool = False,
 ) -> Accuracy:
-    """Accuracy (%) on the whole of (images, labels), mean and s.e. over stochastic repeats."""
+    """Accuracy (%) on the whole of (images, labels), mean and s.e. over stochastic repeats;
+    with `progress`, a bar over repeats x batches on stderr when it is a terminal."""
     scores = []
-    for repeat in range(repeats):
-        generator = torch.Generator(device=images.device).manual_seed(seed + repeat)
-        predicted = predict_labels(method, images, steps, solver, batch_size, generator)
-        scores.append(100.0 * (predicted == labels).float().mean().item())
+    total = repeats * math.ceil(len(images) / batch_size)
+    # disable=None: tqdm switches itself off when stderr is no terminal (logs, CI, pipes).
+    with tqdm(
+        total=total,
+        desc="inference",
+        unit="batch",
+        file=sys.stderr,
+        disable=None if progress else True,
+    ) as bar:
+        for repeat in range(repeats):
+            generator = torch.Generator(device=images.device).manual_seed(seed + repeat)
+            predicted = predict_labels(method, images, steps, solver, batch_size, generator, bar)
+            scores.append(100.0 * (predicted == labels).float().mean().item())
     mean = sum(scores) / repeats
     if repeats == 1:
         return Accuracy(mean, 0.0)
@@ -72,7 +86,12 @@ def accuracy(
 
 
 def accuracy_on_test(
-    method: Method, data: DataSplits, eval_cfg: DictConfig, steps: int, solver: Solver
+    method: Method,
+    data: DataSplits,
+    eval_cfg: DictConfig,
+    steps: int,
+    solver: Solver,
+    progress: bool = False,
 ) -> Accuracy:
     """Accuracy on the test split with `steps` steps of `solver`, in batches of
     `eval_cfg.batch_size`, over `eval_cfg.repeats` inference runs seeded from `eval_cfg.seed`."""
@@ -85,17 +104,20 @@ def accuracy_on_test(
         eval_cfg.batch_size,
         eval_cfg.repeats,
         eval_cfg.seed,
+        progress,
     )
 
 
 def load_logged_run(
     run_id: str, tracking_uri: str, device: torch.device, data_root: str | None = None
 ) -> tuple[DictConfig, Assembled]:
-    """Re-build a logged run's data, method and solver from its config.yaml and weights."""
-    client = MlflowClient(tracking_uri)
+    """Re-build a logged run's data, method and solver from its config.yaml and weights; a
+    missing store, run or weights is a UserError that says what to do."""
+    client = open_store(tracking_uri)
+    run_with_weights(client, run_id)
     with tempfile.TemporaryDirectory() as folder:
         cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", folder))
-        weights = client.download_artifacts(run_id, "model/state_dict.pt", folder)
+        weights = client.download_artifacts(run_id, WEIGHTS, folder)
         if data_root is not None and "root" in cfg.dataset:
             cfg.dataset.root = data_root
         torch.manual_seed(cfg.seed)  # the same initial embedding draw as in training
@@ -104,28 +126,27 @@ def load_logged_run(
     return cfg, assembled
 
 
-def main(argv: list[str] | None = None) -> None:
-    """noprop-eval: test accuracy of a logged run's trained model."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("run_id")
-    parser.add_argument(
-        "--tracking-uri",
-        default=default_tracking_uri(),
-        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
-    parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
-    parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = parser.parse_args(argv)
+def evaluate(args: argparse.Namespace) -> None:
     cfg, run = load_logged_run(
         args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
     )
     steps = args.steps or cfg.eval.steps or run.method.default_steps()
     cfg.eval.repeats, cfg.eval.seed = args.repeats, args.seed  # the command's, not the run's
-    result = accuracy_on_test(run.method, run.data, cfg.eval, steps, run.solver)
+    result = accuracy_on_test(run.method, run.data, cfg.eval, steps, run.solver, progress=True)
     print(
         f"{args.run_id}: test accuracy {result.mean:.2f}% +- {result.se:.2f} "
         f"({args.repeats} inference runs, {steps} steps, {len(run.data.test_y)} images)"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """noprop-eval: test accuracy of a logged run's trained model."""
+    parser = argparse.ArgumentParser(prog="noprop-eval", description=main.__doc__)
+    parser.add_argument("run_id")
+    add_tracking_uri(parser)
+    parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run_command(parser, evaluate, argv)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
-from noprop_exp.config import default_tracking_uri
+from noprop_exp.cli import add_tracking_uri, open_store, run_command
 from noprop_exp.lifecycle import EPOCHS_DONE_TAG, HEARTBEAT_TAG
 
 STALE_NOTE = "no heartbeat for {minutes:.0f} min: marked KILLED by noprop-stale"
@@ -43,14 +43,17 @@ def stale_runs(client: MlflowClient, experiment: str, older_than_min: float) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="noprop-stale", description=__doc__.split("\n")[0])
-    parser.add_argument("--tracking-uri", default=default_tracking_uri())
+    add_tracking_uri(parser)
     parser.add_argument("--experiment", default="noprop")
     parser.add_argument(
         "--older-than", type=float, default=30.0, help="minutes without a heartbeat (30)"
     )
     parser.add_argument("--mark-killed", action="store_true", help="end the stale runs KILLED")
-    args = parser.parse_args(argv)
-    client = MlflowClient(args.tracking_uri)
+    run_command(parser, report_stale, argv)
+
+
+def report_stale(args: argparse.Namespace) -> None:
+    client = open_store(args.tracking_uri)
     runs = stale_runs(client, args.experiment, args.older_than)
     for run in runs:
         minutes = (time.time() - last_sign_of_life(run)) / 60

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
+import sys
 
 import pytest
 import torch
@@ -38,3 +40,19 @@ def test_accuracy_on_test_averages_the_configured_repeats_with_their_standard_er
     assert result.se == pytest.approx(statistics.stdev(runs) / math.sqrt(3))
     single = accuracy_on_test(method, data, OmegaConf.merge(eval_cfg, {"repeats": 1}), 1, solver)
     assert (single.mean, single.se) == (runs[0], 0.0)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr", [Terminal(), io.StringIO()], ids=["terminal", "pipe"])
+def test_progress_counts_repeats_times_batches_on_a_terminal_only(stderr, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stderr)
+    labels = torch.arange(200) % 10
+    images = torch.zeros(200, 1, 2, 2)
+    accuracy(GuessesAtRandom(), images, labels, 1, DDIMSolver(), 64, 3, 7, progress=True)
+    shown = stderr.getvalue()
+    assert ("12/12" in shown) == isinstance(stderr, Terminal)  # 3 repeats x 4 batches of 64
+    assert isinstance(stderr, Terminal) or shown == ""

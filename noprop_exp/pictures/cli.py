@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from noprop_exp.assemble import resolve_device
-from noprop_exp.config import default_tracking_uri
+from noprop_exp.cli import add_tracking_uri, run_command
 from noprop_exp.evaluation import load_logged_run
 from noprop_exp.pictures import logged
 from noprop_exp.solvers import SOLVERS, Solver
@@ -24,13 +22,9 @@ def _solver(name: str) -> Solver:
 
 def main(argv: list[str] | None = None) -> None:
     """noprop-pictures: draw a logged run's trained model and log the PNGs into that run."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="noprop-pictures", description=main.__doc__)
     parser.add_argument("run_id")
-    parser.add_argument(
-        "--tracking-uri",
-        default=default_tracking_uri(),
-        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    add_tracking_uri(parser)
     parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
     parser.add_argument("--out", type=Path, help="also keep the PNGs in this folder")
     parser.add_argument(
@@ -47,13 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         help="step counts to evaluate (default: the run's eval.steps_sweep)",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = parser.parse_args(argv)
-    client = MlflowClient(args.tracking_uri)
-    if "model" not in {a.path for a in client.list_artifacts(args.run_id)}:
-        raise SystemExit(
-            f"run {args.run_id} has no logged weights (model/state_dict.pt): it was trained with "
-            f"mlflow.log_model=false or did not finish; pictures need the trained model"
-        )
+    run_command(parser, draw, argv)
+
+
+def draw(args: argparse.Namespace) -> None:
     cfg, run = load_logged_run(
         args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
     )

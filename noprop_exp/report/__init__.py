@@ -38,9 +38,8 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 
-from noprop_exp.config import default_tracking_uri
+from noprop_exp.cli import UserError, add_tracking_uri, describe, find_run, open_store, run_command
 from noprop_exp.paper import FIGURE3_EMBEDDING
 from noprop_exp.report.figures import figure3, steps_figure
 from noprop_exp.report.runs import STEPS_PREFIX, find_sweep, search_runs, tidy_runs
@@ -123,13 +122,15 @@ def report_from_mlflow(
     filter_string: str = "",
 ) -> Report:
     """Select runs, build the report, write it to `out` and log it to the parent runs."""
-    client = MlflowClient(tracking_uri)
-    parents = [*parent_runs, *(find_sweep(client, name) for name in sweeps)]
+    client = open_store(tracking_uri)
+    parents = [find_run(client, p).info.run_id for p in parent_runs]
+    parents += [find_sweep(client, name) for name in sweeps]
     runs = tidy_runs(search_runs(tracking_uri, experiments, parents, filter_string))
     if runs.empty:
-        raise SystemExit(
-            "noprop-report: no finished training runs match; check --tracking-uri and the "
-            "--sweep / --parent-run / --experiment / --filter selection"
+        raise UserError(
+            f"no finished training runs in the MLflow store at {describe(tracking_uri)} match "
+            f"{selection(sweeps, parent_runs, experiments, filter_string)};\n"
+            "check --tracking-uri and the --sweep / --parent-run / --experiment / --filter options"
         )
     onehot = runs.run_id[runs.embedding == FIGURE3_EMBEDDING]
     report = build_report(runs, accuracy_histories(client, onehot))
@@ -143,16 +144,27 @@ def report_from_mlflow(
     return report
 
 
+def selection(
+    sweeps: Sequence[str],
+    parent_runs: Sequence[str],
+    experiments: Sequence[str],
+    filter_string: str,
+) -> str:
+    """The selection in the command's own words, for the message that it matched nothing."""
+    words = [f"--sweep {s}" for s in sweeps] + [f"--parent-run {p}" for p in parent_runs]
+    if not words:
+        words = [f"--experiment {e}" for e in experiments] or ["experiment noprop (the default)"]
+    if filter_string:
+        words.append(f"--filter {filter_string!r}")
+    return " ".join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="noprop-report",
         description="Figure 3, Tables 1-2 and the inference-steps study from MLflow runs.",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=default_tracking_uri(),
-        help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    add_tracking_uri(parser)
     parser.add_argument(
         "--sweep",
         action="append",
@@ -172,13 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--filter", default="", help="an MLflow filter, e.g. \"params.train.epochs = '100'\""
     )
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
-    args = parser.parse_args(argv)
-    try:
-        report = report_from_mlflow(
+    report = run_command(
+        parser,
+        lambda args: report_from_mlflow(
             args.tracking_uri, args.out, args.sweep, args.parent_run, args.experiment, args.filter
-        )
-    except ValueError as error:  # a selection that names nothing: say so, no traceback
-        parser.error(str(error))
+        ),
+        argv,
+    )
     print(markdown(wide_table1(report.tables["table1"])))
 
 

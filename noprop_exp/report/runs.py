@@ -10,6 +10,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from noprop_exp import paper
+from noprop_exp.cli import UserError, describe
 
 STEPS_PREFIX = "test_acc_steps_"  # metrics test_acc_steps_N of eval.steps_sweep
 KEY = ["variant", "embedding", "dataset"]
@@ -24,9 +25,10 @@ def find_sweep(client: MlflowClient, name: str) -> str:
         max_results=1,
     )
     if not parents:
-        raise ValueError(
-            f"no sweep named {name!r} in this MLflow store: sweeps are named after their "
-            "config (sweeps/figure3_small.yaml -> figure3_small); or pass --parent-run ID"
+        raise UserError(
+            f"no sweep named {name!r} in the MLflow store at {describe(client.tracking_uri)}:\n"
+            "sweeps are named after their config (sweeps/figure3_small.yaml -> figure3_small); "
+            "or pass --parent-run ID"
         )
     return parents[0].info.run_id
 
