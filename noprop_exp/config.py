@@ -78,8 +78,9 @@ def default_tracking_uri() -> str:
 class MLflowConfig:
     tracking_uri: str = f"${{oc.env:MLFLOW_TRACKING_URI,{LOCAL_TRACKING_URI}}}"
     experiment_name: str = "noprop"
-    run_name: str | None = None
+    run_name: str | None = None  # null: <variant>-<embedding>-<dataset>-s<seed> (tracking.py)
     log_model: bool = True
+    system_metrics: bool = True  # MLflow's CPU, memory and GPU samples (needs psutil)
 
 
 @dataclass

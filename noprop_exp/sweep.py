@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 JOB_TAG_PREFIX = "job."  # parent tags "job.<num>": "COMPLETED|FAILED: <overrides>[: <error>]"
 MAX_ERROR_CHARS = 500
+DEFAULT_CONFIG = "config"  # conf/config.yaml: a sweep of it is named after its overrides
 
 
 def sweep_overrides(config: DictConfig) -> tuple[dict[str, str], list[str]]:
@@ -58,6 +59,17 @@ def sweep_overrides(config: DictConfig) -> tuple[dict[str, str], list[str]]:
     last = {o.key_or_group: o for o in parsed}  # a later override of a key replaces it
     overrides = {key: o.input_line.partition("=")[2] for key, o in last.items()}
     return overrides, [key for key, o in last.items() if o.is_sweep_override()]
+
+
+def sweep_name(config: DictConfig, overrides: dict[str, str], swept: list[str]) -> str:
+    """What the sweep is called (its parent's run name and `sweep` tag, which `noprop-report
+    --sweep` looks up): its config's name (`-cn figure3`), or, for the default config, the
+    swept overrides (`seed=0,1`; all of them when none is swept)."""
+    name = config.hydra.job.config_name
+    if name != DEFAULT_CONFIG:
+        return name
+    keys = swept or list(overrides)
+    return " ".join(f"{key}={overrides[key]}" for key in keys)[:250] or DEFAULT_CONFIG
 
 
 def job_outcome(config: DictConfig, job_return: JobReturn, swept: list[str]) -> str:
@@ -89,14 +101,13 @@ class SweepParentRun(Callback):
         self.tracking_uri = config.mlflow.tracking_uri
         client = MlflowClient(self.tracking_uri)
         overrides, self.swept = sweep_overrides(config)
-        sweep_name = config.hydra.job.config_name
+        name = sweep_name(config, overrides, self.swept)
         described = " ".join(f"{key}={value}" for key, value in overrides.items())
-        swept = " ".join(f"{key}={overrides[key]}" for key in self.swept)
         run = client.create_run(
             experiment_id(client, config.mlflow.experiment_name),
-            run_name=config.mlflow.run_name or f"sweep {sweep_name} {swept}"[:250].strip(),
+            run_name=config.mlflow.run_name or name,
             tags={
-                "sweep": sweep_name,
+                "sweep": name,
                 "sweep.overrides": described,
                 "sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),
                 "sweep.launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
@@ -111,7 +122,7 @@ class SweepParentRun(Callback):
             "MLflow parent run %s (%s): report with `noprop-report --parent-run %s "
             "--tracking-uri %s`",
             self.parent_run_id,
-            sweep_name,
+            name,
             self.parent_run_id,
             self.tracking_uri,
         )

@@ -52,11 +52,20 @@ def flatten_config(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def default_run_name(cfg: DictConfig, choices: Mapping[str, str]) -> str:
+    """What the run is, for the MLflow UI's run list (instead of MLflow's random names):
+    `[<experiment preset>-]<variant>-<embedding>-<dataset>-s<seed>`, e.g. `dt-onehot-mnist-s0`."""
+    parts = [choices.get("experiment"), choices.get("variant") or cfg.variant.name]
+    parts += [choices.get("embedding"), choices.get("dataset"), f"s{cfg.seed}"]
+    return "-".join(part for part in parts if part)
+
+
 class RunTracker:
     """Logs to one active MLflow run; created by `tracked_run`."""
 
     def __init__(self, run: mlflow.ActiveRun) -> None:
         self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
@@ -102,7 +111,9 @@ def tracked_run(
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment_name)
     tags = dict(tags or {})
+    run_name = cfg.mlflow.run_name  # a continued run keeps its name unless told otherwise
     if resume_run_id is None:
+        run_name = run_name or default_run_name(cfg, choices)
         tags |= {group: choices[group] for group in GROUP_TAGS if group in choices}
         if choices.get("experiment"):
             tags["experiment"] = choices["experiment"]
@@ -110,8 +121,12 @@ def tracked_run(
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
     # Closed here rather than by start_run's own context manager, which ends every exception
-    # FAILED and records nothing of why.
-    run = mlflow.start_run(run_id=resume_run_id, run_name=cfg.mlflow.run_name)
+    # FAILED and records nothing of why. System metrics (CPU, memory, GPU with pynvml) are
+    # sampled by MLflow's own thread, which end_run stops; without psutil MLflow warns and
+    # the run goes on without them.
+    run = mlflow.start_run(
+        run_id=resume_run_id, run_name=run_name, log_system_metrics=cfg.mlflow.system_metrics
+    )
     try:
         mlflow.set_tags(tags)
         if resume_run_id is None:

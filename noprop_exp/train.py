@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from noprop_exp.assemble import assemble, resolve_device
 from noprop_exp.checkpoint import LoopState, load_checkpoint, save_checkpoint
@@ -33,6 +34,7 @@ from noprop_exp.config import (  # importing registers the schema
     OptimizerName,
     Precision,
 )
+from noprop_exp.console import announce, summary_line, timed
 from noprop_exp.data import minibatches
 from noprop_exp.evaluation import Accuracy, accuracy_on_test
 from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
@@ -140,12 +142,14 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         torch.cuda.reset_peak_memory_stats(device)
 
     def test_accuracy(num_steps: int) -> Accuracy:
-        with autocast(cfg.train.precision, device):
+        what = f"evaluating {len(data.test_y):,} test images at {num_steps} steps"
+        with timed(f"{what}, {cfg.eval.repeats} run(s)"), autocast(cfg.train.precision, device):
             return accuracy_on_test(method, data, cfg.eval, num_steps, solver)
 
     with (
         tracked_run(cfg, choices, plan.tags, plan.run_id) as tracker,
         stop_on_signals() as stop,
+        logging_redirect_tqdm(),  # log lines print above the progress bar, not through it
     ):
         log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
         loop, metrics = LoopState(), {}
@@ -171,6 +175,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
                 shuffle.set_state(loop.epoch_shuffle_state)
             synchronize(device)
             started = time.perf_counter()
+            progress.unpause()  # the bar's rate counts training only, not the epoch's end
             batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
             for x, y in itertools.islice(batches, loop.step, None):
                 step = loop.step
@@ -242,7 +247,9 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
             # Imported here: matplotlib is loaded only by runs that draw.
             from noprop_exp.pictures.logged import log_pictures
 
-            log_pictures(cfg, run_parts, tracker.run_id)
+            with timed("drawing the pictures"):
+                log_pictures(cfg, run_parts, tracker.run_id)
+    announce(summary_line(tracker.run_id, tracker.experiment_id, cfg.mlflow.tracking_uri, metrics))
     return metrics
 
 

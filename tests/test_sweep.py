@@ -30,7 +30,7 @@ from omegaconf import open_dict
 from noprop_exp import paper
 from noprop_exp.config import CONF_DIR
 from noprop_exp.report import report_from_mlflow
-from noprop_exp.sweep import SweepParentRun, sweep_overrides
+from noprop_exp.sweep import SweepParentRun, sweep_name, sweep_overrides
 from noprop_exp.tracking import PARENT_RUN_ENV
 from noprop_exp.train import run
 from tests.conftest import TINY
@@ -192,6 +192,26 @@ def test_sweep_overrides_take_the_sweep_file_then_the_command_line():
     assert swept == ["experiment", "dataset", "train.lr"]
 
 
+@pytest.mark.parametrize(
+    ("config_dir", "config_name", "overrides", "expected"),
+    [
+        (SWEEPS, "figure3_small", ["seed=3"], "figure3_small"),
+        (CONF_DIR, "config", ["seed=0,1", "train.epochs=1"], "seed=0,1"),
+        (CONF_DIR, "config", ["train.epochs=1"], "train.epochs=1"),
+    ],
+)
+def test_a_sweep_is_named_after_its_config_else_its_swept_overrides(
+    config_dir, config_name, overrides, expected
+):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        config = GlobalHydra.instance().hydra.compose_config(
+            config_name,
+            [f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
+            run_mode=RunMode.MULTIRUN,
+        )
+    assert sweep_name(config, *sweep_overrides(config)) == expected
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -244,14 +264,14 @@ def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_serv
     assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
     assert {c.info.status for c in children} == {"FINISHED"}
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == "sweep config seed=0,1"
+    assert parent.info.run_name == "seed=0,1"
     assert parent.data.params["seed"] == "0,1" and parent.data.params["train.epochs"] == "1"
-    assert parent.data.tags["sweep"] == "config"
+    assert parent.data.tags["sweep"] == "seed=0,1"
     assert parent.data.tags["sweep.dir"] == str(tmp_path / "sweep")
     assert parent.data.tags["mlflow.note.content"] == "2 jobs returned, 0 failed"
     assert "failed_jobs" not in parent.data.tags
 
-    report = report_from_mlflow(mlflow_server, tmp_path / "report", sweeps=["config"])
+    report = report_from_mlflow(mlflow_server, tmp_path / "report", sweeps=["seed=0,1"])
     # One panel per dataset (here the synthetic one), one line per variant.
     (panel,) = report.figures["figure3"].axes
     assert panel.get_title() == "synthetic"
