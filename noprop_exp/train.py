@@ -132,7 +132,9 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
     if cfg.train.compile:
         compile_networks(method)
     steps = cfg.eval.steps or method.default_steps()
-    # Fail on an unusable solver or step count now, not after hours of training.
+    # Fail on an unusable solver or step count now, not after hours of training; in eval mode,
+    # so that these test images leave batch norm's running statistics alone.
+    method.eval()
     for n in {steps, *cfg.eval.steps_sweep}:
         method.predict(data.test_x[:2], n, solver)
     optimizer = make_optimizer(cfg.train, method)

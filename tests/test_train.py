@@ -153,3 +153,28 @@ def test_console_script_finds_the_configs_from_any_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "num_blocks: 10" in result.stdout
+
+
+BatchNorm = torch.nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d alike
+
+
+def test_the_pre_training_check_leaves_batch_norm_statistics_alone(tiny_config, monkeypatch):
+    """The solver check before training runs test images through the model: in eval mode, so
+    batch norm's running statistics are still those of initialisation when training starts."""
+    from noprop_exp import train
+
+    seen = {}
+
+    def first_step(method, *args, **kwargs):
+        norms = [m for m in method.modules() if isinstance(m, BatchNorm)]
+        seen["untouched"] = all(
+            bool((m.running_mean == 0).all() and (m.running_var == 1).all()) for m in norms
+        )
+        seen["count"] = len(norms)
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(train, "train_step", first_step)
+    cfg, choices = tiny_config("train.epochs=1", "mlflow.system_metrics=false")
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        train.run(cfg, choices)
+    assert seen["count"] > 0 and seen["untouched"]
