@@ -127,9 +127,7 @@ def load_logged_run(
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    cfg, run = load_logged_run(
-        args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
-    )
+    cfg, run = load_named_run(args)
     steps = args.steps or cfg.eval.steps or run.method.default_steps()
     cfg.eval.repeats, cfg.eval.seed = args.repeats, args.seed  # the command's, not the run's
     result = accuracy_on_test(run.method, run.data, cfg.eval, steps, run.solver, progress=True)
@@ -139,14 +137,26 @@ def evaluate(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """noprop-eval: test accuracy of a logged run's trained model."""
-    parser = argparse.ArgumentParser(prog="noprop-eval", description=main.__doc__)
+def add_logged_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name a logged run and where to rebuild it (`load_named_run`)."""
     parser.add_argument("run_id")
     add_tracking_uri(parser)
     parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def load_named_run(args: argparse.Namespace) -> tuple[DictConfig, Assembled]:
+    """`load_logged_run` for the arguments of `add_logged_run_arguments`."""
+    return load_logged_run(
+        args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """noprop-eval: test accuracy of a logged run's trained model."""
+    parser = argparse.ArgumentParser(prog="noprop-eval", description=main.__doc__)
+    add_logged_run_arguments(parser)
     parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run_command(parser, evaluate, argv)

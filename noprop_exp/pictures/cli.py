@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from noprop_exp.assemble import resolve_device
-from noprop_exp.cli import add_tracking_uri, run_command
-from noprop_exp.evaluation import load_logged_run
+from noprop_exp.cli import run_command
+from noprop_exp.evaluation import add_logged_run_arguments, load_named_run
 from noprop_exp.pictures import logged
 from noprop_exp.solvers import SOLVERS, Solver
 
@@ -23,9 +22,7 @@ def _solver(name: str) -> Solver:
 def main(argv: list[str] | None = None) -> None:
     """noprop-pictures: draw a logged run's trained model and log the PNGs into that run."""
     parser = argparse.ArgumentParser(prog="noprop-pictures", description=main.__doc__)
-    parser.add_argument("run_id")
-    add_tracking_uri(parser)
-    parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    add_logged_run_arguments(parser)
     parser.add_argument("--out", type=Path, help="also keep the PNGs in this folder")
     parser.add_argument(
         "--solvers",
@@ -40,14 +37,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help="step counts to evaluate (default: the run's eval.steps_sweep)",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run_command(parser, draw, argv)
 
 
 def draw(args: argparse.Namespace) -> None:
-    cfg, run = load_logged_run(
-        args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
-    )
+    cfg, run = load_named_run(args)
     cfg.mlflow.tracking_uri = args.tracking_uri  # log where the run was read from
     run.method.eval()  # before any inference: batch norm must not update its statistics
     step_sweep = None
