@@ -14,12 +14,21 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
 from noprop_exp.assemble import Assembled, assemble, resolve_device
-from noprop_exp.cli import WEIGHTS, add_tracking_uri, open_store, run_command, run_with_weights
+from noprop_exp.cli import (
+    WEIGHTS,
+    UserError,
+    add_tracking_uri,
+    open_store,
+    run_command,
+    run_with_weights,
+)
+from noprop_exp.config import CONF_DIR
 from noprop_exp.data import DataSplits
 from noprop_exp.solvers import Solver
 from noprop_exp.variants.base import Method
@@ -126,14 +135,28 @@ def load_logged_run(
     return cfg, assembled
 
 
+def solver_by_name(name: str) -> Solver:
+    """The solver of conf/solver/NAME.yaml, as `noprop-train solver=NAME` would build it."""
+    choices = sorted(path.stem for path in (CONF_DIR / "solver").glob("*.yaml"))
+    if name not in choices:
+        raise UserError(f"--solver {name}: no such solver; choose one of {', '.join(choices)}")
+    return instantiate(OmegaConf.load(CONF_DIR / "solver" / f"{name}.yaml"))
+
+
 def evaluate(args: argparse.Namespace) -> None:
+    solver = solver_by_name(args.solver) if args.solver else None  # before the slow loading
     cfg, run = load_named_run(args)
+    solver = solver or run.solver
     steps = args.steps or cfg.eval.steps or run.method.default_steps()
     cfg.eval.repeats, cfg.eval.seed = args.repeats, args.seed  # the command's, not the run's
-    result = accuracy_on_test(run.method, run.data, cfg.eval, steps, run.solver, progress=True)
+    try:
+        result = accuracy_on_test(run.method, run.data, cfg.eval, steps, solver, progress=True)
+    except ValueError as unusable:  # e.g. a solver the method cannot offer what it needs
+        raise UserError(str(unusable)) from unusable
     print(
         f"{args.run_id}: test accuracy {result.mean:.2f}% +- {result.se:.2f} "
-        f"({args.repeats} inference runs, {steps} steps, {len(run.data.test_y)} images)"
+        f"({args.repeats} inference runs, {steps} steps, solver {solver.name}, "
+        f"{len(run.data.test_y)} images)"
     )
 
 
@@ -157,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="noprop-eval", description=main.__doc__)
     add_logged_run_arguments(parser)
     parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
+    parser.add_argument("--solver", help="a name of conf/solver/, e.g. dpm (default: the run's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
     run_command(parser, evaluate, argv)

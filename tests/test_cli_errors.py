@@ -150,3 +150,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and f"{UserError.__module__}.UserError" in debug.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unknown_solver_names_the_choices_before_anything_loads(store, tracking_uri, capsys):
+    same = unchanged(tracking_uri)
+    err = fails(evaluation.main, ["RUN", "--tracking-uri", tracking_uri, "--solver", "rk9"], capsys)
+    assert err == (
+        "noprop-eval: --solver rk9: no such solver; choose one of "
+        "ddim, dpm, euler, heun, posterior\n"
+    )
+    assert same()

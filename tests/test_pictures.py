@@ -26,10 +26,11 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
 from noprop_exp.assemble import Assembled, assemble
+from noprop_exp.cli import UserError
 from noprop_exp.data import DataSplits, synthetic
 from noprop_exp.diffusion import posterior_coefficients
 from noprop_exp.embeddings import LabelEmbedding, OneHotEmbedding, PrototypeEmbedding
-from noprop_exp.evaluation import accuracy
+from noprop_exp.evaluation import accuracy, solver_by_name
 from noprop_exp.pictures import cli, figures, measures
 from noprop_exp.pictures import logged as logged_pictures  # `logged`: the fixture
 from noprop_exp.solvers import DDIMSolver, PosteriorSolver
@@ -392,8 +393,8 @@ def test_pictures_can_be_switched_off(logged):
 
 
 def test_unknown_solver_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown solver 'rk4': choose from posterior, ddim"):
-        cli._solver("rk4")
+    with pytest.raises(UserError, match="--solver rk4: no such solver; choose one of ddim, dpm"):
+        solver_by_name("rk4")
 
 
 def test_importing_the_training_loop_loads_no_matplotlib():

@@ -168,7 +168,9 @@ def test_missing_dynamics_name_what_is_needed_and_what_fits():
         "velocity: use solver=euler or solver=heun"
     )
     denoiser_only = Dynamics(denoise=lambda z, t: z, alpha_bar=SCHEDULES["cosine"].alpha_bar)
-    expected = r"^solver 'heun' needs a velocity; .*: use solver=posterior or solver=ddim$"
+    expected = (
+        r"^solver 'heun' needs a velocity; .*: use solver=posterior or solver=ddim or solver=dpm$"
+    )
     with pytest.raises(ValueError, match=expected):
         solve(HeunSolver(), denoiser_only, torch.zeros(2, 3), 5)
     with pytest.raises(ValueError, match="offers nothing"):

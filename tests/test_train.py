@@ -77,6 +77,14 @@ def test_cli_records_params_tags_metrics_and_artifacts(tmp_path, tracking_uri, c
     )
     printed = capsys.readouterr().out
     assert f"test accuracy {logged.data.metrics['test_acc']:.2f}%" in printed
+    # --solver builds conf/solver/NAME.yaml: the run's own (posterior) gives its accuracy again.
+    logged_run = [logged.info.run_id, "--tracking-uri", tracking_uri, "--device", "cpu"]
+    evaluate_main([*logged_run, "--repeats", "2", "--solver", "posterior"])
+    printed = capsys.readouterr().out
+    assert f"test accuracy {logged.data.metrics['test_acc']:.2f}%" in printed
+    assert "solver posterior" in printed
+    evaluate_main([*logged_run, "--solver", "dpm"])
+    assert "steps, solver dpm," in capsys.readouterr().out
 
 
 def test_a_run_that_raises_is_failed_and_keeps_what_it_logged(

@@ -7,16 +7,8 @@ import argparse
 from pathlib import Path
 
 from noprop_exp.cli import run_command
-from noprop_exp.evaluation import add_logged_run_arguments, load_named_run
+from noprop_exp.evaluation import add_logged_run_arguments, load_named_run, solver_by_name
 from noprop_exp.pictures import logged
-from noprop_exp.solvers import SOLVERS, Solver
-
-
-def _solver(name: str) -> Solver:
-    by_name = {cls.name: cls for cls in SOLVERS}
-    if name not in by_name:
-        raise ValueError(f"unknown solver '{name}': choose from {', '.join(by_name)}")
-    return by_name[name]()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +38,7 @@ def draw(args: argparse.Namespace) -> None:
     run.method.eval()  # before any inference: batch norm must not update its statistics
     step_sweep = None
     if args.solvers or args.steps:
-        solvers = [_solver(name) for name in args.solvers] if args.solvers else [run.solver]
+        solvers = [solver_by_name(name) for name in args.solvers] if args.solvers else [run.solver]
         step_counts = args.steps or list(cfg.eval.steps_sweep)
         for solver in solvers:  # an unusable solver or step count fails before any work
             for n in step_counts:

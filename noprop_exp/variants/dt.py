@@ -114,6 +114,7 @@ class NoPropDT(Method):
                 f"or {self.num_blocks} (got {steps})"
             )
         grid = time_grid(steps, x.device)
+        solver = solver.fresh()
         z = torch.randn((x.shape[0], *self.embedding.z_shape), device=x.device, generator=generator)
         scores = [self.readout(z)]
         for t in range(1, steps + 1):
