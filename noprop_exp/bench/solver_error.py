@@ -32,12 +32,15 @@ STEP_COUNTS = (2, 5, 10, 20)
 
 
 def schedules() -> dict[str, NoiseSchedule]:
-    """The three schedules, the learned one at its initialisation, in float64."""
-    torch.manual_seed(0)
+    """The three schedules, the learned one at its initialisation (seeded, without touching
+    the caller's global random state), in float64."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        learned = LearnedSchedule().double()
     return {
         "cosine": CosineSchedule().double(),
         "linear": LinearSchedule().double(),
-        "learned (init)": LearnedSchedule().double(),
+        "learned (init)": learned,
     }
 
 
