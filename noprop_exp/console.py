@@ -36,8 +36,11 @@ def summary_line(
     run_id: str, experiment_id: str, tracking_uri: str, metrics: Mapping[str, float]
 ) -> str:
     """The one line a finished run ends on: its id, accuracy, training time and where to look."""
+    validation = ""
+    if "val_acc" in metrics:
+        validation = f"val_acc {metrics['val_acc']:.2f} +- {metrics['val_acc_se']:.2f} %, "
     return (
-        f"run {run_id} finished: test_acc {metrics['test_acc']:.2f} +- "
+        f"run {run_id} finished: {validation}test_acc {metrics['test_acc']:.2f} +- "
         f"{metrics['test_acc_se']:.2f} %, training {metrics['train_time_s']:.1f} s; "
         f"to see it, {ui_hint(tracking_uri, experiment_id, run_id)}"
     )

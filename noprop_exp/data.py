@@ -25,7 +25,8 @@ from torchvision import datasets
 @dataclass
 class DataSplits:
     """A dataset as tensors on the training device: images normalised (N, C, H, W) float32,
-    labels int64."""
+    labels int64. The validation split, when there is one (`val_size` > 0), is held out of the
+    training split: studies choose on it, and the test split only reports what they chose."""
 
     name: str
     train_x: Tensor
@@ -33,6 +34,8 @@ class DataSplits:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -137,13 +140,16 @@ def mnist(
     download: bool = True,
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
+    val_size: int = 0,
 ) -> DataSplits:
     """MNIST (1x28x28, 10 classes), standard 60k/10k split, normalised with mean 0.1307 std 0.3081.
 
     `train_size` / `test_size`: None for the whole split, else a random subset drawn with
-    `subset_seed`. Raises `DatasetNotFoundError` when the files are absent and cannot be downloaded.
+    `subset_seed`. `val_size` examples of the standard training split are held out first (also
+    drawn with `subset_seed`), so the validation set does not change with `train_size`.
+    Raises `DatasetNotFoundError` when the files are absent and cannot be downloaded.
     """
-    return _load(_MNIST, root, train_size, test_size, download, subset_seed, device)
+    return _load(_MNIST, root, train_size, test_size, download, subset_seed, device, val_size)
 
 
 def cifar10(
@@ -153,12 +159,13 @@ def cifar10(
     download: bool = True,
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
+    val_size: int = 0,
 ) -> DataSplits:
     """CIFAR-10 (3x32x32, 10 classes), standard 50k/10k split, per-channel normalisation.
 
     Arguments as for `mnist`.
     """
-    return _load(_CIFAR10, root, train_size, test_size, download, subset_seed, device)
+    return _load(_CIFAR10, root, train_size, test_size, download, subset_seed, device, val_size)
 
 
 def cifar100(
@@ -168,12 +175,13 @@ def cifar100(
     download: bool = True,
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
+    val_size: int = 0,
 ) -> DataSplits:
     """CIFAR-100 (3x32x32, 100 fine classes), standard 50k/10k split, per-channel normalisation.
 
     Arguments as for `mnist`.
     """
-    return _load(_CIFAR100, root, train_size, test_size, download, subset_seed, device)
+    return _load(_CIFAR100, root, train_size, test_size, download, subset_seed, device, val_size)
 
 
 def _load(
@@ -184,6 +192,7 @@ def _load(
     download: bool,
     subset_seed: int,
     device: str | torch.device,
+    val_size: int,
 ) -> DataSplits:
     root_path = Path(root).expanduser().resolve()
     missing = source.missing(root_path)
@@ -200,7 +209,7 @@ def _load(
     source.decompress(root_path)
 
     generator = torch.Generator().manual_seed(subset_seed)
-    splits = []
+    splits, val = [], None
     for train, size in ((True, train_size), (False, test_size)):
         try:
             ds = source.dataset(str(root_path), train=train, download=False)
@@ -212,13 +221,17 @@ def _load(
             ) from None
         images = torch.as_tensor(ds.data)
         labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+        if train and val_size:
+            held_out, kept = _hold_out(len(labels), val_size, generator, source.key)
+            val = (_normalise(images[held_out], source, device), labels[held_out].to(device))
+            images, labels = images[kept], labels[kept]
         index = _subset(len(labels), size, generator, "train" if train else "test", source.key)
         if index is not None:
             images, labels = images[index], labels[index]
         splits.append((_normalise(images, source, device), labels.to(device)))
         num_classes = len(ds.classes)
     (train_x, train_y), (test_x, test_y) = splits
-    return DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes)
+    return DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes, *(val or ()))
 
 
 def _normalise(images: Tensor, source: _Source, device: str | torch.device) -> Tensor:
@@ -263,6 +276,19 @@ def _subset(
     return torch.randperm(available, generator=generator)[:size]
 
 
+def _hold_out(
+    available: int, val_size: int, generator: torch.Generator, name: str
+) -> tuple[Tensor, Tensor]:
+    """Indices of a random validation set of `val_size` examples, and of the rest."""
+    if not 0 <= val_size < available:
+        raise ValueError(
+            f"{name}: val_size={val_size} is not possible: the training split has {available} "
+            f"examples, and some must stay for training; use a value in 0..{available - 1}."
+        )
+    order = torch.randperm(available, generator=generator)
+    return order[:val_size], order[val_size:]
+
+
 def _summary(err: BaseException, limit: int = 300) -> str:
     """One line naming the exception, short enough for an error message (no traceback)."""
     text = f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -278,13 +304,15 @@ def synthetic(
     noise: float = 1.0,
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
+    val_size: int = 0,
 ) -> DataSplits:
     """A small learnable image set: each class is a fixed smooth random image, each example that
     image (zero mean, unit variance) plus Gaussian noise of std `noise`, then scaled by
     1 / sqrt(1 + noise^2) so that pixels have unit variance, like normalised real images.
 
     As with a real dataset, the classes depend only on (num_classes, channels, image_size) and
-    `subset_seed` picks the examples. None sizes mean the defaults (512 train, 256 test).
+    `subset_seed` picks the examples. None sizes mean the defaults (512 train, 256 test);
+    `val_size` more examples are drawn for a validation split.
     Labels are balanced (as equal counts as the size allows). Generated on the CPU, then moved.
     """
     if num_classes < 2 or image_size < 4 or channels < 1 or noise < 0:
@@ -306,15 +334,19 @@ def synthetic(
     scale = math.sqrt(1.0 + noise**2)
     splits = []
     sizes = (512 if train_size is None else train_size, 256 if test_size is None else test_size)
-    for size in sizes:
+    if val_size < 0:
+        raise ValueError(f"synthetic: val_size must be >= 0, got {val_size}.")
+    for size in (*sizes, *([val_size] if val_size else [])):
         if size < 1:
             raise ValueError(f"synthetic: sizes must be positive, got {size}.")
         labels = (torch.arange(size) % num_classes)[torch.randperm(size, generator=generator)]
         draw = torch.randn(size, channels, image_size, image_size, generator=generator)
         images = (prototypes[labels] + noise * draw) / scale
         splits.append((images.to(device), labels.to(device)))
-    (train_x, train_y), (test_x, test_y) = splits
-    return DataSplits("synthetic", train_x, train_y, test_x, test_y, num_classes)
+    (train_x, train_y), (test_x, test_y), *val = splits
+    return DataSplits(
+        "synthetic", train_x, train_y, test_x, test_y, num_classes, *(val[0] if val else ())
+    )
 
 
 def minibatches(

@@ -1,7 +1,7 @@
 """Test-set accuracy of a trained method, and re-building a logged run's model from MLflow.
 
 Inference goes through `Method.predict`, which takes images only: labels are used after the
-prediction, to count hits. `accuracy_on_test` is the one evaluation every command makes (training,
+prediction, to count hits. `accuracy_on_split` is the one evaluation every command makes (training,
 `noprop-eval`, `noprop-pictures`): the `eval` config section says how.
 """
 
@@ -94,20 +94,25 @@ def accuracy(
     return Accuracy(mean, math.sqrt(variance / repeats))
 
 
-def accuracy_on_test(
+def accuracy_on_split(
     method: Method,
     data: DataSplits,
     eval_cfg: DictConfig,
     steps: int,
     solver: Solver,
     progress: bool = False,
+    split: str = "test",
 ) -> Accuracy:
-    """Accuracy on the test split with `steps` steps of `solver`, in batches of
-    `eval_cfg.batch_size`, over `eval_cfg.repeats` inference runs seeded from `eval_cfg.seed`."""
+    """Accuracy on the test (or `split="val"`, validation) split with `steps` steps of `solver`,
+    in batches of `eval_cfg.batch_size`, over `eval_cfg.repeats` inference runs seeded from
+    `eval_cfg.seed`."""
+    images, labels = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
+    if images is None:
+        raise ValueError(f"{data.name} has no {split} split (dataset.val_size=0)")
     return accuracy(
         method,
-        data.test_x,
-        data.test_y,
+        images,
+        labels,
         steps,
         solver,
         eval_cfg.batch_size,
@@ -150,13 +155,16 @@ def evaluate(args: argparse.Namespace) -> None:
     steps = args.steps or cfg.eval.steps or run.method.default_steps()
     cfg.eval.repeats, cfg.eval.seed = args.repeats, args.seed  # the command's, not the run's
     try:
-        result = accuracy_on_test(run.method, run.data, cfg.eval, steps, solver, progress=True)
+        result = accuracy_on_split(
+            run.method, run.data, cfg.eval, steps, solver, progress=True, split=args.split
+        )
     except ValueError as unusable:  # e.g. a solver the method cannot offer what it needs
         raise UserError(str(unusable)) from unusable
+    images = run.data.test_y if args.split == "test" else run.data.val_y
     print(
-        f"{args.run_id}: test accuracy {result.mean:.2f}% +- {result.se:.2f} "
+        f"{args.run_id}: {args.split} accuracy {result.mean:.2f}% +- {result.se:.2f} "
         f"({args.repeats} inference runs, {steps} steps, solver {solver.name}, "
-        f"{len(run.data.test_y)} images)"
+        f"{len(images)} images)"
     )
 
 
@@ -176,11 +184,17 @@ def load_named_run(args: argparse.Namespace) -> tuple[DictConfig, Assembled]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """noprop-eval: test accuracy of a logged run's trained model."""
+    """noprop-eval: test (or validation) accuracy of a logged run's trained model."""
     parser = argparse.ArgumentParser(prog="noprop-eval", description=main.__doc__)
     add_logged_run_arguments(parser)
     parser.add_argument("--steps", type=int, help="inference steps (default: the run's)")
     parser.add_argument("--solver", help="a name of conf/solver/, e.g. dpm (default: the run's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val"],
+        help="val: the run's validation split (dataset.val_size), to choose on",
+    )
     run_command(parser, evaluate, argv)

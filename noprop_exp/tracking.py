@@ -70,6 +70,9 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        mlflow.log_params(dict(params))
+
     def latest_metrics(self) -> dict[str, float]:
         return dict(mlflow.get_run(self.run_id).data.metrics)
 

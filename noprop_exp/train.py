@@ -35,12 +35,12 @@ from noprop_exp.config import (  # importing registers the schema
     Precision,
 )
 from noprop_exp.console import announce, summary_line, timed
-from noprop_exp.data import minibatches
-from noprop_exp.evaluation import Accuracy, accuracy_on_test
+from noprop_exp.data import DataSplits, minibatches
+from noprop_exp.evaluation import Accuracy, accuracy_on_split
 from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
 from noprop_exp.resume import command_line_keys, plan_run
 from noprop_exp.tracking import tracked_run
-from noprop_exp.validation import check_run_config
+from noprop_exp.validation import check_run_config, check_search_objective
 from noprop_exp.variants.base import Diagnostics, Method
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,17 @@ def check_finite(value: float, where: str, precision: str) -> None:
         raise FloatingPointError(f"training loss became {value} {where}; {advice}")
 
 
+def epoch_meaning(data: DataSplits, batches_per_epoch: int, method: Method) -> dict[str, int]:
+    """Run parameters that say what one epoch is, so runs of different sizes compare."""
+    return {
+        "epoch.train_images": len(data.train_y),
+        "epoch.minibatches": batches_per_epoch,
+        "epoch.optimizer_steps": batches_per_epoch * method.optimizer_steps_per_minibatch(),
+        "data.val_images": 0 if data.val_y is None else len(data.val_y),
+        "data.test_images": len(data.test_y),
+    }
+
+
 def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, float]:
     """Train and evaluate as `cfg` says; returns the last epoch's metrics.
 
@@ -143,10 +154,11 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def test_accuracy(num_steps: int) -> Accuracy:
-        what = f"evaluating {len(data.test_y):,} test images at {num_steps} steps"
+    def split_accuracy(num_steps: int, split: str = "test") -> Accuracy:
+        images = len(data.test_y if split == "test" else data.val_y)
+        what = f"evaluating {images:,} {split} images at {num_steps} steps"
         with timed(f"{what}, {cfg.eval.repeats} run(s)"), autocast(cfg.train.precision, device):
-            return accuracy_on_test(method, data, cfg.eval, num_steps, solver)
+            return accuracy_on_split(method, data, cfg.eval, num_steps, solver, split=split)
 
     with (
         tracked_run(cfg, choices, plan.tags, plan.run_id) as tracker,
@@ -154,6 +166,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         logging_redirect_tqdm(),  # log lines print above the progress bar, not through it
     ):
         log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
+        tracker.log_params(epoch_meaning(data, batches_per_epoch, method))
         loop, metrics = LoopState(), {}
         if plan.run_id is not None:
             # After every draw from the generators above, so that they continue from the state
@@ -204,16 +217,15 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
             if device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
-                result = test_accuracy(steps)
-                metrics |= {"test_acc": result.mean, "test_acc_se": result.se}
-                metrics |= method.diagnostics()
+                accuracies = {}
+                if data.val_y is not None:
+                    held_out = split_accuracy(steps, "val")
+                    accuracies |= {"val_acc": held_out.mean, "val_acc_se": held_out.se}
+                result = split_accuracy(steps)
+                accuracies |= {"test_acc": result.mean, "test_acc_se": result.se}
+                metrics |= accuracies | method.diagnostics()
                 loop.history.append(
-                    {
-                        "epoch": epoch,
-                        "train_time_s": loop.train_time_s,
-                        "test_acc": result.mean,
-                        "test_acc_se": result.se,
-                    }
+                    {"epoch": epoch, "train_time_s": loop.train_time_s, **accuracies}
                 )
                 tracker.log_table(loop.history, "acc_vs_time.json")
                 progress.set_postfix(
@@ -235,7 +247,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         if cfg.eval.steps_sweep:
             by_steps = []
             for n in cfg.eval.steps_sweep:
-                result = test_accuracy(n)
+                result = split_accuracy(n)
                 by_steps.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
                 metrics[f"test_acc_steps_{n}"] = result.mean
             tracker.log_metrics(
@@ -258,9 +270,12 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
 # An absolute path: the console script imports this module as a package, where Hydra would
 # resolve a relative path inside the package rather than next to it.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the objective a search maximises (hydra/sweeper=search): validation accuracy,
+    None without a validation split, so that no search can select on the test set."""
+    check_search_objective(cfg, HydraConfig.get().sweeper)
     try:
-        return run(cfg)["test_acc"]
+        return run(cfg).get("val_acc")
     except RunStopped as stopped:
         log.warning("stopped by %s; continue with train.resume=<run id> or =auto", stopped)
         pass_on(stopped)

@@ -77,3 +77,23 @@ def check_run_config(cfg: DictConfig) -> None:
     problems = [*unknown_keys(cfg), *out_of_range(cfg)]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_search_objective(cfg: DictConfig, sweeper: Mapping) -> None:
+    """A search (any sweeper but Hydra's basic grid) optimises what `main` returns, `val_acc`:
+    without a validation split there is nothing honest to optimise, and minimising it (Optuna's
+    default direction) would search for the worst model; refuse both before the first trial."""
+    name = str(sweeper["_target_"]).rsplit(".", 1)[-1]
+    if name == "BasicSweeper":
+        return
+    if not cfg.dataset.get("val_size"):
+        raise ConfigError(
+            f"{name} maximises val_acc, which needs a validation split: set dataset.val_size "
+            "(e.g. dataset.val_size=5000); the test set is never searched on"
+        )
+    direction = str(sweeper.get("direction", "maximize")).rpartition(".")[2]  # an Enum's name
+    if direction != "maximize":
+        raise ConfigError(
+            f"{name} would {direction} val_acc: use hydra/sweeper=search, or set "
+            "hydra.sweeper.direction=maximize"
+        )

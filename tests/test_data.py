@@ -210,6 +210,45 @@ def test_subset_larger_than_split_names_the_maximum(fake_mnist) -> None:
         data.mnist(str(root), train_size=13, download=False)
 
 
+def _rows_of(images: torch.Tensor, split: torch.Tensor) -> list[int]:
+    """The index in `split` of each image of `images` (all distinct random images)."""
+    return [int((split == img).flatten(1).all(1).nonzero()) for img in images]
+
+
+def test_the_validation_split_is_held_out_of_training_seeded_and_kept_across_train_sizes(
+    fake_mnist,
+) -> None:
+    root, _ = fake_mnist
+    full = data.mnist(str(root), download=False)
+    assert full.val_x is None and full.val_y is None
+    a = data.mnist(str(root), val_size=4, download=False, subset_seed=0)
+    smaller = data.mnist(str(root), val_size=4, train_size=5, download=False, subset_seed=0)
+    other_seed = data.mnist(str(root), val_size=4, download=False, subset_seed=1)
+    assert a.val_x.shape == (4, 1, 28, 28) and len(a.train_y) == 8
+    val_rows, train_rows = _rows_of(a.val_x, full.train_x), _rows_of(a.train_x, full.train_x)
+    assert sorted(val_rows + train_rows) == list(range(12))  # disjoint, and nothing lost
+    assert a.val_y.tolist() == full.train_y[val_rows].tolist()
+    assert torch.equal(a.test_x, full.test_x)  # the test split is untouched
+    # train_size draws from what the validation set left: the same validation set, no overlap
+    assert torch.equal(smaller.val_x, a.val_x)
+    assert not set(_rows_of(smaller.train_x, full.train_x)) & set(val_rows)
+    assert not torch.equal(other_seed.val_x, a.val_x)
+
+
+def test_a_validation_split_that_leaves_nothing_to_train_on_names_the_limit(fake_mnist) -> None:
+    root, _ = fake_mnist
+    with pytest.raises(ValueError, match=r"val_size=12 .* 12 examples.* 0\.\.11"):
+        data.mnist(str(root), val_size=12, download=False)
+
+
+def test_synthetic_validation_split_is_extra_examples_of_the_same_classes() -> None:
+    plain = data.synthetic(train_size=40, test_size=20, num_classes=4, image_size=8)
+    split = data.synthetic(train_size=40, test_size=20, num_classes=4, image_size=8, val_size=12)
+    assert plain.val_x is None
+    assert torch.equal(split.train_x, plain.train_x) and torch.equal(split.test_x, plain.test_x)
+    assert split.val_x.shape == (12, 1, 8, 8) and torch.bincount(split.val_y).tolist() == [3] * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Missing data
 # ---------------------------------------------------------------------------------------------

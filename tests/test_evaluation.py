@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from noprop_exp.data import DataSplits
-from noprop_exp.evaluation import accuracy, accuracy_on_test
+from noprop_exp.evaluation import accuracy, accuracy_on_split
 from noprop_exp.solvers import DDIMSolver
 from noprop_exp.variants.base import Method
 
@@ -24,21 +24,21 @@ class GuessesAtRandom(Method):
         return torch.randn((1, len(x), 10), generator=generator)
 
 
-def test_accuracy_on_test_averages_the_configured_repeats_with_their_standard_error():
+def test_accuracy_on_split_averages_the_configured_repeats_with_their_standard_error():
     labels = torch.arange(200) % 10
     images = torch.zeros(200, 1, 2, 2)
     data = DataSplits("zeros", images[:10], labels[:10], images, labels, 10)
     eval_cfg = OmegaConf.create({"batch_size": 64, "repeats": 3, "seed": 7})
     method, solver = GuessesAtRandom(), DDIMSolver()
 
-    result = accuracy_on_test(method, data, eval_cfg, 1, solver)
+    result = accuracy_on_split(method, data, eval_cfg, 1, solver)
 
     # Repeat r is one inference run seeded seed + r; the s.e. is the sample s.d. over sqrt(3).
     runs = [accuracy(method, images, labels, 1, solver, 64, 1, 7 + r).mean for r in range(3)]
     assert len(set(runs)) > 1  # the repeats do differ: the s.e. is not trivially 0
     assert result.mean == pytest.approx(statistics.mean(runs))
     assert result.se == pytest.approx(statistics.stdev(runs) / math.sqrt(3))
-    single = accuracy_on_test(method, data, OmegaConf.merge(eval_cfg, {"repeats": 1}), 1, solver)
+    single = accuracy_on_split(method, data, OmegaConf.merge(eval_cfg, {"repeats": 1}), 1, solver)
     assert (single.mean, single.se) == (runs[0], 0.0)
 
 

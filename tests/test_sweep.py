@@ -56,13 +56,17 @@ def store(tmp_path, empty_store) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def multirun(tmp_path: Path, tracking_uri: str, *overrides: str) -> subprocess.CompletedProcess:
-    """`noprop-train -m` in a subprocess, run from tmp_path (so artifacts land there)."""
+def multirun(
+    tmp_path: Path, tracking_uri: str, *overrides: str, sweep_file: str | None = None
+) -> subprocess.CompletedProcess:
+    """`noprop-train -m [-cd sweeps -cn SWEEP_FILE]` in a subprocess, run from tmp_path (so
+    artifacts land there)."""
     command = [
         sys.executable,
         "-m",
         "noprop_exp.train",
         "-m",
+        *(["-cd", str(SWEEPS), "-cn", sweep_file] if sweep_file else []),
         *TINY_JOB,
         f"mlflow.tracking_uri={tracking_uri}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -300,7 +304,9 @@ def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_serv
 # ---- the files users run: sweep files, launcher configs, Docker ----------------------------
 
 
-SWEEP_FILES = sorted(SWEEPS.glob("*.yaml"))
+# Grid sweeps (Hydra's basic sweeper, reported with noprop-report) and searches (Optuna's).
+SEARCH_FILES = sorted(p for p in SWEEPS.glob("*.yaml") if "hydra/sweeper: search" in p.read_text())
+SWEEP_FILES = sorted(set(SWEEPS.glob("*.yaml")) - set(SEARCH_FILES))
 
 
 def compose_sweep(name: str, overrides: list[str]):
@@ -324,6 +330,26 @@ def test_every_job_of_every_sweep_file_composes_and_its_command_is_documented(pa
         overrides = [f"{key}={value}" for key, value in zip(values, combination, strict=True)]
         config = compose_sweep(path.stem, overrides)
         assert config.variant.name in {"backprop", "dt", "adjoint", "ct", "fm"}
+
+
+@pytest.mark.parametrize("path", SEARCH_FILES, ids=lambda p: p.stem)
+def test_a_search_maximises_val_acc_and_its_best_trial_is_a_logged_child(tmp_path, store, path):
+    assert f"noprop-train -m -cd sweeps -cn {path.stem}\n" in path.read_text()
+    result = multirun(
+        tmp_path,
+        store,
+        "dataset.train_size=128",
+        "dataset.val_size=64",
+        "hydra.sweeper.n_trials=2",
+        sweep_file=path.stem,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = parent_and_children(store)
+    assert parent.data.tags["sweep"] == path.stem
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+    assert {c.data.params["data.val_images"] for c in children} == {"64"}
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(c.data.metrics["val_acc"] for c in children))
 
 
 def test_each_paper_sweep_has_a_small_variant_of_the_same_shape():

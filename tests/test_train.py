@@ -186,3 +186,61 @@ def test_the_pre_training_check_leaves_batch_norm_statistics_alone(tiny_config, 
     with pytest.raises(RuntimeError, match="stop after the check"):
         train.run(cfg, choices)
     assert seen["count"] > 0 and seen["untouched"]
+
+
+def test_a_validation_split_is_evaluated_logged_and_reproduced_by_noprop_eval(
+    tiny_config, tracking_uri, capsys
+):
+    cfg, choices = tiny_config("dataset.val_size=40", "variant.method.head_updates=3")
+    metrics = run(cfg, choices)
+    client, logged = only_run(tracking_uri)
+    history = client.get_metric_history(logged.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert metrics["val_acc"] == pytest.approx(history[-1].value)
+    batches = math.ceil(cfg.dataset.train_size / cfg.train.batch_size)
+    params = logged.data.params
+    assert {k: params[k] for k in params if k.startswith(("epoch.", "data."))} == {
+        "epoch.train_images": str(cfg.dataset.train_size),
+        "epoch.minibatches": str(batches),
+        "epoch.optimizer_steps": str(3 * batches),
+        "data.val_images": "40",
+        "data.test_images": str(cfg.dataset.test_size),
+    }
+    # The logged weights on the split rebuilt from the logged config give the logged val_acc:
+    # the split is the one trained beside, not a fresh draw.
+    logged_run = [logged.info.run_id, "--tracking-uri", tracking_uri, "--device", "cpu"]
+    evaluate_main([*logged_run, "--split", "val"])
+    printed = capsys.readouterr().out
+    assert f"val accuracy {metrics['val_acc']:.2f}% +- 0.00 (1 inference runs" in printed
+    assert "40 images" in printed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["hydra/sweeper=search"], "needs a validation split: set dataset.val_size"),
+        # Optuna's own default direction minimises: it would search for the worst model.
+        (["hydra/sweeper=optuna", "dataset.val_size=32"], "would minimize val_acc"),
+    ],
+)
+def test_a_search_that_cannot_select_honestly_is_refused_before_any_run(
+    tmp_path, tracking_uri, overrides, message
+):
+    command = [
+        sys.executable,
+        "-m",
+        "noprop_exp.train",
+        "-m",
+        *TINY,
+        *overrides,
+        "hydra.sweeper.n_trials=1",
+        f"mlflow.tracking_uri={tracking_uri}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0
+    assert message in done.stderr
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("noprop")
+    runs = [] if experiment is None else client.search_runs([experiment.experiment_id])
+    assert all("mlflow.parentRunId" not in r.data.tags for r in runs)

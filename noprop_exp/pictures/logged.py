@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from noprop_exp.assemble import Assembled
-from noprop_exp.evaluation import accuracy_on_test
+from noprop_exp.evaluation import accuracy_on_split
 from noprop_exp.pictures.figures import (
     GRID_COLUMNS,
     GRID_ROWS,
@@ -74,7 +74,7 @@ def evaluated_step_sweep(
     for solver in solvers:
         rows = []
         for n in step_counts:
-            result = accuracy_on_test(run.method, run.data, cfg.eval, n, solver)
+            result = accuracy_on_split(run.method, run.data, cfg.eval, n, solver)
             rows.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
         lines[solver_label(solver)] = rows
     return lines

@@ -53,6 +53,10 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def optimizer_steps_per_minibatch(self) -> int:
+        """How many losses `update_losses` yields per minibatch."""
+        return 1
+
     def default_steps(self) -> int:
         """Inference steps used when `eval.steps` is null (T blocks for DT, 1000 for CT/FM)."""
         raise NotImplementedError

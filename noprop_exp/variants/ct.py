@@ -84,6 +84,9 @@ class NoPropCT(ContinuousTimeMethod):
         z_1 = sample_q(u_y, end_alpha_bars[1])
         return F.cross_entropy(self.readout(z_1), y) + kl_to_prior(u_y, end_alpha_bars[0]).mean()
 
+    def optimizer_steps_per_minibatch(self) -> int:
+        return self.head_updates
+
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         u_y = self.embedding(y)
         t = sample_times(len(y), self.t_sampling, x.device)

@@ -94,6 +94,9 @@ class NoPropDT(Method):
         cross_entropy = F.cross_entropy(self.readout(z_last), y)
         return cross_entropy + kl_to_prior(u_y, self.alpha_bars[0]).mean()
 
+    def optimizer_steps_per_minibatch(self) -> int:
+        return self.head_updates
+
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         blocks = self.block_losses(x, y)
         head = self.head_loss(y)
