@@ -30,10 +30,13 @@ def time_derivative(fn: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
     no_grad."""
     # Read before enable_grad: at inference (no_grad) the result must not hold a graph.
     create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
+    t = _as_time(t)
+    # Outside autocast: its backward would run the schedule's matmuls in bf16 (SNR', the CT
+    # loss weight, off by percents); schedules are tiny, so full precision costs nothing.
+    with torch.enable_grad(), torch.autocast(t.device.type, enabled=False):
         # t is treated as a constant input; fn is elementwise, so the gradient of the sum
         # is the elementwise derivative.
-        t = _as_time(t).detach().requires_grad_(True)
+        t = t.detach().requires_grad_(True)
         (derivative,) = torch.autograd.grad(fn(t).sum(), t, create_graph=create_graph)
     return derivative
 
@@ -154,7 +157,8 @@ class LearnedSchedule(NoiseSchedule):
         device = self.gamma_0.device
         times = t.to(device=device, dtype=dtype).reshape(-1, 1)
         ends = torch.arange(2, device=device, dtype=dtype).reshape(-1, 1)  # t = 0 and t = 1
-        tilde = self._gamma_tilde(torch.cat([times, ends]))
+        with torch.autocast(device.type, enabled=False):  # see time_derivative
+            tilde = self._gamma_tilde(torch.cat([times, ends]))
         gamma_bar = (tilde[:-2] - tilde[-2]) / (tilde[-1] - tilde[-2])
         gap = F.softplus(self.gap_raw.to(dtype))  # gamma_1 - gamma_0
         return (self.gamma_0.to(dtype) + gap * (1 - gamma_bar)).reshape(t.shape)

@@ -118,3 +118,15 @@ def test_learned_initial_endpoints_and_links():
 def test_bad_settings_raise(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_the_learned_schedule_keeps_full_precision_under_bf16_autocast():
+    from noprop_exp.diffusion import snr_prime
+
+    schedule = randomised_learned(3)
+    t = torch.rand(257)
+    expected = snr_prime(schedule, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = snr_prime(schedule, t)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-6, atol=0)
