@@ -42,6 +42,24 @@ def test_accuracy_on_split_averages_the_configured_repeats_with_their_standard_e
     assert (single.mean, single.se) == (runs[0], 0.0)
 
 
+class PredictsZero(Method):
+    def trajectory(self, x, steps, solver, generator=None):
+        return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10)[None].float()
+
+
+def test_split_val_scores_the_validation_images_and_needs_them():
+    images = torch.zeros(40, 1, 2, 2)
+    test_y, val_y = torch.zeros(20, dtype=torch.long), torch.arange(20) % 4  # 100% and 25%
+    eval_cfg = OmegaConf.create({"batch_size": 8, "repeats": 1, "seed": 0})
+    method, solver = PredictsZero(), DDIMSolver()
+    data = DataSplits("zeros", images, test_y, images[:20], test_y, 10, images[20:], val_y)
+    assert accuracy_on_split(method, data, eval_cfg, 1, solver).mean == 100.0
+    assert accuracy_on_split(method, data, eval_cfg, 1, solver, split="val").mean == 25.0
+    no_val = DataSplits("zeros", images, test_y, images[:20], test_y, 10)
+    with pytest.raises(ValueError, match="no val split"):
+        accuracy_on_split(method, no_val, eval_cfg, 1, solver, split="val")
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
