@@ -1,0 +1,79 @@
+"""The networks against the paper's Figure 6 as docs/NOPROP_SPEC.md §6 writes it: layer order,
+widths, dropout, and where batch norm is (DT) and is not (CT/FM)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noprop_exp.models.backbones import PaperCNN
+from noprop_exp.models.ct_net import CTNetwork
+from noprop_exp.models.dt_block import DTBlock
+
+# §6, one token per layer; "+" is the residual addition, which is no module.
+IMAGE_BRANCH = "conv32 relu pool drop0.2 conv64 relu drop0.2 conv128 relu pool drop0.2 fc256"
+DT_BLOCK = {
+    "label_stem": "fc256 bn relu",
+    "label_residual": "fc256 bn relu fc256 bn",
+    "image_branch": f"{IMAGE_BRANCH} bn",
+    "head": "fc256 bn relu fc128 bn relu fc10",
+}
+CT_NETWORK = {
+    "image_branch": f"{IMAGE_BRANCH} relu",
+    "label_branch": "fc256 relu",
+    "time_branch": "fc256 relu",
+    "head": "fc256 relu fc128 relu fc10",
+}
+
+
+def token(layer: nn.Module) -> str | None:
+    kinds = {
+        nn.Conv2d: lambda m: f"conv{m.out_channels}" * (m.kernel_size == (3, 3)),
+        nn.Linear: lambda m: f"fc{m.out_features}",
+        nn.BatchNorm1d: lambda m: "bn",
+        nn.ReLU: lambda m: "relu",
+        nn.MaxPool2d: lambda m: "pool" * (m.kernel_size == 2),
+        nn.Dropout: lambda m: f"drop{m.p}",
+    }
+    for kind, name in kinds.items():
+        if isinstance(layer, kind):
+            return name(layer) or f"unexpected {layer}"
+    return None if isinstance(layer, nn.Flatten | nn.Identity) else f"unexpected {layer}"
+
+
+def layers_run(network: nn.Module, *inputs: torch.Tensor) -> dict[str, str]:
+    """Per top-level part of `network`, its layers in the order a forward pass runs them."""
+    seen: dict[str, list[str]] = {}
+    hooks = []
+    for part_name, part in network.named_children():
+        for layer in part.modules():
+            if next(layer.children(), None) is None:
+                hooks.append(
+                    layer.register_forward_hook(
+                        lambda m, *_, p=part_name: seen.setdefault(p, []).append(token(m))
+                    )
+                )
+    network.train()
+    network(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return {part: " ".join(t for t in tokens if t) for part, tokens in seen.items()}
+
+
+def test_dt_block_is_figure_6():
+    block = DTBlock(PaperCNN, (1, 28, 28), (10,), 10)
+    assert layers_run(block, torch.randn(4, 10), torch.randn(4, 1, 28, 28)) == DT_BLOCK
+    convs = [m for m in block.image_branch.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.padding for c in convs] == [(1, 1)] * 3  # (ours): padding 1
+    assert block.image_branch.fc.in_features == 128 * 7 * 7
+
+
+def test_ct_network_is_figure_6_without_batch_norm():
+    network = CTNetwork(PaperCNN, (3, 32, 32), (10,), 10)
+    logits = network(torch.randn(4, 10), torch.randn(4, 3, 32, 32), torch.rand(4))
+    assert logits.shape == (4, 10)
+    assert layers_run(network, torch.randn(4, 10), torch.randn(4, 3, 32, 32), torch.rand(4)) == (
+        CT_NETWORK
+    )
+    assert network.time_branch[0].in_features == 64  # the sinusoidal embedding's width
+    assert network.head[0].in_features == 3 * 256
