@@ -37,6 +37,13 @@ class DataSplits:
     val_x: Tensor | None = None
     val_y: Tensor | None = None
 
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """(images, labels) of the "test" or "val" split; ValueError when there is no val split."""
+        images, labels = (self.test_x, self.test_y) if name == "test" else (self.val_x, self.val_y)
+        if images is None:
+            raise ValueError(f"{self.name} has no {name} split (dataset.val_size=0)")
+        return images, labels
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         c, h, w = self.train_x.shape[1:]

@@ -106,9 +106,7 @@ def accuracy_on_split(
     """Accuracy on the test (or `split="val"`, validation) split with `steps` steps of `solver`,
     in batches of `eval_cfg.batch_size`, over `eval_cfg.repeats` inference runs seeded from
     `eval_cfg.seed`."""
-    images, labels = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
-    if images is None:
-        raise ValueError(f"{data.name} has no {split} split (dataset.val_size=0)")
+    images, labels = data.split(split)
     return accuracy(
         method,
         images,
@@ -160,11 +158,11 @@ def evaluate(args: argparse.Namespace) -> None:
         )
     except ValueError as unusable:  # e.g. a solver the method cannot offer what it needs
         raise UserError(str(unusable)) from unusable
-    images = run.data.test_y if args.split == "test" else run.data.val_y
+    _, labels = run.data.split(args.split)
     print(
         f"{args.run_id}: {args.split} accuracy {result.mean:.2f}% +- {result.se:.2f} "
         f"({args.repeats} inference runs, {steps} steps, solver {solver.name}, "
-        f"{len(images)} images)"
+        f"{len(labels)} images)"
     )
 
 

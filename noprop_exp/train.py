@@ -155,8 +155,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         torch.cuda.reset_peak_memory_stats(device)
 
     def split_accuracy(num_steps: int, split: str = "test") -> Accuracy:
-        images = len(data.test_y if split == "test" else data.val_y)
-        what = f"evaluating {images:,} {split} images at {num_steps} steps"
+        what = f"evaluating {len(data.split(split)[1]):,} {split} images at {num_steps} steps"
         with timed(f"{what}, {cfg.eval.repeats} run(s)"), autocast(cfg.train.precision, device):
             return accuracy_on_split(method, data, cfg.eval, num_steps, solver, split=split)
 
