@@ -123,6 +123,9 @@ def tracked_run(
         parent_run_id = os.environ.get(PARENT_RUN_ENV)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+    # Set again on resume: params keep the epochs a run started with (MLflow does not let them
+    # change), so the report reads what an extended run is trained to from this tag.
+    tags["epochs"] = str(cfg.train.epochs)
     # Closed here rather than by start_run's own context manager, which ends every exception
     # FAILED and records nothing of why. System metrics (CPU, memory, GPU with pynvml) are
     # sampled by MLflow's own thread, which end_run stops; without psutil MLflow warns and

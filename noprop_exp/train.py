@@ -248,9 +248,9 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
             for n in cfg.eval.steps_sweep:
                 result = split_accuracy(n)
                 by_steps.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
-                metrics[f"test_acc_steps_{n}"] = result.mean
+                metrics[f"test_acc_steps/{n}"] = result.mean
             tracker.log_metrics(
-                {f"test_acc_steps_{r['steps']}": r["test_acc"] for r in by_steps},
+                {f"test_acc_steps/{r['steps']}": r["test_acc"] for r in by_steps},
                 step=cfg.train.epochs,
             )
             tracker.log_table(by_steps, "acc_vs_steps.json")

@@ -118,7 +118,7 @@ def test_loss_is_the_snr_prime_weighted_error_plus_head_ce_and_kl(tiny_config, s
     cross_entropy = F.cross_entropy(method.head.head(z_1).double(), y)
     kl = kl_gaussians(ab_0.sqrt() * u, (1 - ab_0).expand_as(u)).mean()
 
-    torch.testing.assert_close(diagnostics["denoise_loss"].double(), denoising, rtol=2e-4, atol=0)
+    torch.testing.assert_close(diagnostics["loss/denoise"].double(), denoising, rtol=2e-4, atol=0)
     torch.testing.assert_close(
         loss.detach().double(), denoising + cross_entropy + kl, rtol=2e-4, atol=1e-5
     )
@@ -138,10 +138,10 @@ def test_time_bins_split_the_denoising_loss(tiny_config):
     method.network = RecordingNetwork(t_logits)
     _, diagnostics = next(method.update_losses(data.train_x[:100], data.train_y[:100]))
     _, t = method.network.calls[0]
-    bins = torch.stack([diagnostics[f"loss_tbin_{k}"] for k in range(5)])
+    bins = torch.stack([diagnostics[f"loss/tbin_{k}"] for k in range(5)])
     # Stratified: exactly 20 of the 100 times in each fifth of [0, 1].
     assert torch.bincount((t * 5).long(), minlength=5).tolist() == [20] * 5
-    torch.testing.assert_close(bins.mean(), diagnostics["denoise_loss"])
+    torch.testing.assert_close(bins.mean(), diagnostics["loss/denoise"])
     # SNR' grows by orders of magnitude towards t = 1 (docs/NOPROP_SPEC.md §3): the last
     # bin dominates.
     assert bins[-1] > 10 * bins[:-1].max()
@@ -179,7 +179,7 @@ def test_learned_schedule_is_exempt_from_weight_decay(tiny_config):
 
 def test_diagnostics_report_the_learned_endpoints(tiny_config):
     learned = build(tiny_config).method.diagnostics()
-    assert learned == pytest.approx({"gamma_0": -7.0, "gamma_1": 7.0}, abs=1e-5)
+    assert learned == pytest.approx({"schedule/gamma_0": -7.0, "schedule/gamma_1": 7.0}, abs=1e-5)
     assert build(tiny_config, "noise_schedule=cosine").method.diagnostics() == {}
 
 
@@ -251,12 +251,18 @@ def test_ct_learns_synthetic_data_and_logs_accuracy_per_step_count(tiny_config, 
     )
     assert logged.data.tags["noise_schedule"] == "learned"
     for n in (2, 5, 10):
-        assert logged.data.metrics[f"test_acc_steps_{n}"] == pytest.approx(
-            metrics[f"test_acc_steps_{n}"]
+        assert logged.data.metrics[f"test_acc_steps/{n}"] == pytest.approx(
+            metrics[f"test_acc_steps/{n}"]
         )
     # Same model, steps and inference seed as the last evaluation: the same accuracy.
-    assert metrics["test_acc_steps_10"] == pytest.approx(metrics["test_acc"])
-    for name in ("gamma_0", "gamma_1", "loss_tbin_4", "denoise_loss", "head_loss"):
+    assert metrics["test_acc_steps/10"] == pytest.approx(metrics["test_acc"])
+    for name in (
+        "schedule/gamma_0",
+        "schedule/gamma_1",
+        "loss/tbin_4",
+        "loss/denoise",
+        "loss/head",
+    ):
         assert len(client.get_metric_history(logged.info.run_id, name)) == 4, name
     path = client.download_artifacts(logged.info.run_id, "acc_vs_steps.json", str(tmp_path))
     table = json.loads(Path(path).read_text())

@@ -64,7 +64,7 @@ def test_fused_step_updates_every_block_and_the_head(dt):
     losses = list(method.update_losses(data.train_x[:32], data.train_y[:32]))
     assert len(losses) == method.head_updates
     loss, diagnostics = losses[0]
-    assert {f"block_loss_{t}" for t in range(1, 5)} <= diagnostics.keys()
+    assert {f"loss/block_{t}" for t in range(1, 5)} <= diagnostics.keys()
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -47,16 +47,16 @@ def test_velocity_loss_targets_u_minus_z0_and_anchor_only_with_learned_w(tiny_co
     assert abs(((z_0 * u).sum(1) / u.norm(dim=1)).mean()) < 0.15
     v_hat = fixed_logits(z_t, t.squeeze(1).float()).double() @ W  # logits as weights, no softmax
     velocity = (v_hat - (u - z_0)).pow(2).sum(1).mean()
-    torch.testing.assert_close(diagnostics["velocity_loss"].double(), velocity, rtol=1e-4, atol=0)
+    torch.testing.assert_close(diagnostics["loss/velocity"].double(), velocity, rtol=1e-4, atol=0)
     expected = velocity
     if embedding == "learned":
         (anchor_input,) = method.head.inputs
         torch.testing.assert_close(anchor_input.double(), z_t.double() + (1 - t) * v_hat)
         anchor = F.cross_entropy(method.head.head(anchor_input).double(), y)
-        torch.testing.assert_close(diagnostics["anchor_loss"].double(), anchor, rtol=1e-5, atol=0)
+        torch.testing.assert_close(diagnostics["loss/anchor"].double(), anchor, rtol=1e-5, atol=0)
         expected = velocity + anchor
     else:
-        assert "anchor_loss" not in diagnostics
+        assert "loss/anchor" not in diagnostics
     torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-4, atol=0)
 
 

@@ -96,10 +96,10 @@ def test_training_logs_every_picture_and_the_per_block_accuracies(logged):
     logged_files = {Path(a.path).name for a in client.list_artifacts(logged.run_id, "pictures")}
     assert {f"{stem}.png" for stem in STEMS} <= logged_files
     names = [
-        *(f"readout_acc_step_{k}" for k in range(4)),
-        *(f"block_acc_chain_{t}" for t in (1, 2, 3)),
-        *(f"block_acc_q_{t}" for t in (1, 2, 3)),
-        "last_block_noise_acc",
+        *(f"readout/acc_step_{k}" for k in range(4)),
+        *(f"blocks/acc_chain_{t}" for t in (1, 2, 3)),
+        *(f"blocks/acc_q_{t}" for t in (1, 2, 3)),
+        "blocks/last_on_noise_acc",
     ]
     metrics = logged.trained_metrics
     for name in names:
@@ -110,7 +110,7 @@ def test_training_logs_every_picture_and_the_per_block_accuracies(logged):
         assert history[0].value == history[1].value == metrics[name], name
         assert 0 <= metrics[name] <= 100
     # The read-out after the last block is the run's test accuracy (same seed, one batch).
-    assert metrics["readout_acc_step_3"] == pytest.approx(metrics["test_acc"])
+    assert metrics["readout/acc_step_3"] == pytest.approx(metrics["test_acc"])
 
 
 def test_command_draws_a_run_read_back_from_mlflow(logged):
@@ -182,13 +182,13 @@ def test_accuracy_by_block_figure_matches_the_logged_metrics(logged):
     noise = next(v for k, v in lines.items() if k.startswith("last block"))
     metrics = made.metrics
     np.testing.assert_allclose(
-        readout.get_ydata(), [metrics[f"readout_acc_step_{k}"] for k in range(4)]
+        readout.get_ydata(), [metrics[f"readout/acc_step_{k}"] for k in range(4)]
     )
     np.testing.assert_allclose(
-        chain.get_ydata(), [metrics[f"block_acc_chain_{t}"] for t in (1, 2, 3)]
+        chain.get_ydata(), [metrics[f"blocks/acc_chain_{t}"] for t in (1, 2, 3)]
     )
-    np.testing.assert_allclose(on_q.get_ydata(), [metrics[f"block_acc_q_{t}"] for t in (1, 2, 3)])
-    assert noise.get_ydata()[0] == metrics["last_block_noise_acc"]
+    np.testing.assert_allclose(on_q.get_ydata(), [metrics[f"blocks/acc_q_{t}"] for t in (1, 2, 3)])
+    assert noise.get_ydata()[0] == metrics["blocks/last_on_noise_acc"]
     assert lines["chance"].get_ydata()[0] == pytest.approx(10.0)
 
 
@@ -353,8 +353,8 @@ def test_long_solves_are_shown_at_eleven_steps_without_block_diagnostics(compose
     shown = list(range(0, 1001, 100))
     assert measures.shown_steps(1000) == shown
     # Step 0 scores all zero: argmax is class 0, right for the images of class 0 only.
-    assert made.metrics["readout_acc_step_0"] == pytest.approx(100 * (labels == 0).float().mean())
-    assert all(made.metrics[f"readout_acc_step_{k}"] == 100.0 for k in shown[1:])
+    assert made.metrics["readout/acc_step_0"] == pytest.approx(100 * (labels == 0).float().mean())
+    assert all(made.metrics[f"readout/acc_step_{k}"] == 100.0 for k in shown[1:])
     assert len(made.metrics) == 11 and not any(k.startswith("block") for k in made.metrics)
     assert "dt only" in made.notes["accuracy_by_step"]
     assert "a fixed one-hot W" in made.notes["embedding"]
@@ -387,7 +387,7 @@ def test_pictures_can_be_switched_off(logged):
     experiment = client.get_experiment_by_name("switched-off")
     (logged_run,) = client.search_runs([experiment.experiment_id])
     assert client.list_artifacts(logged_run.info.run_id, "pictures") == []
-    assert "block_acc_chain_1" not in logged_run.data.metrics
+    assert "blocks/acc_chain_1" not in logged_run.data.metrics
     with pytest.raises(SystemExit, match="no logged weights"):
         cli.main([logged_run.info.run_id, "--tracking-uri", logged.uri])
 

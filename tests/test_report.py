@@ -14,8 +14,8 @@ from matplotlib.collections import PolyCollection
 from mlflow.tracking import MlflowClient
 
 from noprop_exp import paper
-from noprop_exp.report import build_report, report_from_mlflow, write_report
-from noprop_exp.report.runs import tidy_runs
+from noprop_exp.report import build_report, report_from_mlflow, runs_used, write_report
+from noprop_exp.report.runs import comparable_runs, tidy_runs
 from noprop_exp.report.tables import (
     MISSING,
     latex,
@@ -50,6 +50,7 @@ def raw_runs() -> pd.DataFrame:
     rows = []
 
     def add(run_id, variant, embedding, dataset, seed, acc, se=0.1, time=0, **extra):
+        steps_acc = extra.pop("steps_acc", {})
         rows.append(
             {
                 "run_id": run_id,
@@ -63,16 +64,16 @@ def raw_runs() -> pd.DataFrame:
                 "metrics.test_acc": acc,
                 "metrics.test_acc_se": se,
                 "metrics.peak_mem_gb": extra.pop("mem", np.nan),
-                **{f"metrics.{k}": v for k, v in extra.items()},
+                "tags.experiment": extra.pop("preset", None),
+                "params.train.epochs": extra.pop("epochs", "100"),
+                **{f"metrics.test_acc_steps/{n}": v for n, v in steps_acc.items()},
             }
         )
 
     for seed in range(3):
         add(f"dt{seed}", "dt", "onehot", "mnist", seed, 99.0 + seed / 10, mem=0.5 + seed / 100)
-        add(
-            f"ct{seed}", "ct", "onehot", "cifar10", seed, 70.0 + seed, test_acc_steps_10=60.0 + seed
-        )
-    add("ct-mnist", "ct", "onehot", "mnist", 0, 97.0, test_acc_steps_10=95.0)
+        add(f"ct{seed}", "ct", "onehot", "cifar10", seed, 70.0 + seed, steps_acc={10: 60.0 + seed})
+    add("ct-mnist", "ct", "onehot", "mnist", 0, 97.0, steps_acc={10: 95.0})
     add("old", "dt", "onehot", "mnist", 0, 10.0, time=-5)  # replaced by dt0, which is newer
     add("d32", "fm", "learned", "synthetic", 0, 80.0, dim="32")  # not the paper's d = 20
     add("newvariant", "zz", "onehot", "mnist", 0, 50.0)
@@ -124,6 +125,61 @@ def test_tidy_runs_leaves_out_a_sweeps_parent_run_and_its_swept_params():
     runs = tidy_runs(pd.concat([raw_runs(), pd.DataFrame([parent])], ignore_index=True))
     assert "p" not in set(runs.run_id) and len(runs) == 9
     assert runs.seed.dtype.kind in "if" and runs.repeats.dtype.kind in "if"
+
+
+def with_smoke_runs() -> pd.DataFrame:
+    """raw_runs' dt, run by the paper preset, then a later one-epoch run and a 20-epoch run of
+    no preset (seed 0 of each): what a user's experiment holds after trying things out."""
+    raw = raw_runs().astype({"tags.experiment": object})
+    raw.loc[raw["tags.variant"] == "dt", "tags.experiment"] = "paper/mnist_dt"
+    smoke = raw[raw.run_id == "dt0"].assign(**{"tags.experiment": None})
+    later = pd.Timestamp("2025-02-01")
+    smoke = pd.concat(
+        [
+            smoke.assign(run_id="smoke", start_time=later, **{"params.train.epochs": "1"}),
+            smoke.assign(run_id="twenty", **{"params.train.epochs": "20"}),
+        ]
+    ).assign(**{"metrics.test_acc": 50.0})
+    return pd.concat([raw, smoke], ignore_index=True)
+
+
+def test_a_cell_pools_runs_of_one_setting_and_a_later_smoke_run_replaces_none():
+    runs, left_out = comparable_runs(tidy_runs(with_smoke_runs()))
+    dt = runs[runs.variant == "dt"]
+    assert sorted(dt.run_id) == ["dt0", "dt1", "dt2"]  # the paper preset's, not the later ones
+    assert set(dt.setting) == {
+        "experiment=paper/mnist_dt, 100 epochs, all training images, solver=?, eval.steps=?"
+    }
+    assert sorted(left_out.run_id) == ["smoke", "twenty"]
+    table = build_report(runs, pd.DataFrame()).tables["table1"]
+    assert cell(table, "dt", "onehot", "mnist").test_acc == pytest.approx(99.1)
+    assert len(runs) == 9  # every other cell keeps its runs
+
+
+def test_without_a_preset_the_setting_of_the_most_epochs_is_used():
+    raw = with_smoke_runs()
+    raw = raw[raw["tags.experiment"].isna() | (raw["tags.variant"] != "dt")]  # no preset runs
+    runs, left_out = comparable_runs(tidy_runs(raw))
+    assert list(runs.run_id[runs.variant == "dt"]) == ["twenty"]
+    assert list(left_out.run_id) == ["smoke"]
+    # An epochs tag (set again when a resumed run is extended) wins over the first param.
+    raw.loc[raw.run_id == "smoke", "tags.epochs"] = "40"
+    runs, _ = comparable_runs(tidy_runs(raw))
+    assert list(runs.run_id[runs.variant == "dt"]) == ["smoke"]
+
+
+def test_the_report_says_which_runs_each_cell_used(tmp_path):
+    runs, left_out = comparable_runs(tidy_runs(with_smoke_runs()))
+    lines = runs_used(runs, left_out).splitlines()
+    assert len(lines) == 5  # ct cifar10, ct mnist, dt mnist, fm synthetic, zz mnist
+    (dt,) = [line for line in lines if line.startswith("dt onehot mnist")]
+    assert "3 run(s) of experiment=paper/mnist_dt, 100 epochs" in dt
+    assert "[dt0, dt1, dt2]; left out 2 of other settings (runs_left_out.csv)" in dt
+    report = build_report(runs, pd.DataFrame())
+    report.left_out = left_out
+    write_report(report, tmp_path)
+    assert sorted(pd.read_csv(tmp_path / "runs_left_out.csv").run_id) == ["smoke", "twenty"]
+    assert "setting" in pd.read_csv(tmp_path / "runs.csv")
 
 
 def cell(table: pd.DataFrame, variant, embedding, dataset) -> pd.Series:
@@ -212,6 +268,7 @@ def test_figure3_has_a_panel_per_dataset_a_line_per_variant_and_a_min_max_band(t
     assert ys.min() == pytest.approx(68.0) and ys.max() == pytest.approx(72.0)
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
     assert legend == ["NoProp-DT", "NoProp-CT", "zz"]
+    assert_title_inside(figure)
 
     files = write_report(report, tmp_path)
     names = {f.name for f in files}
@@ -220,6 +277,20 @@ def test_figure3_has_a_panel_per_dataset_a_line_per_variant_and_a_min_max_band(t
     csv = pd.read_csv(tmp_path / "table1.csv")
     assert csv.test_acc.isna().sum() == report.tables["table1"].test_acc.isna().sum()
     assert MISSING in (tmp_path / "table1.md").read_text()
+
+
+def assert_title_inside(figure) -> None:
+    figure.canvas.draw()
+    title = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert 0 <= title.x0 < title.x1 <= figure.bbox.width and title.y1 <= figure.bbox.height
+
+
+def test_a_one_panel_figures_title_fits_inside_it():
+    runs = tidy_runs(raw_runs())
+    ct_cifar = runs[(runs.variant == "ct") & (runs.dataset == "cifar10")]
+    figure = build_report(ct_cifar, histories(ct_cifar)).figures["figure3"]
+    assert len(figure.axes) == 1
+    assert_title_inside(figure)
 
 
 def test_steps_study_averages_over_seeds():

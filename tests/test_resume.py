@@ -131,7 +131,10 @@ def test_a_finished_run_trains_further_when_train_epochs_is_raised(tracking_uri)
     run(*config(tracking_uri, "train.epochs=2", f"train.resume={run_id}", "mlflow.log_model=false"))
     history = MlflowClient(tracking_uri).get_metric_history(run_id, "test_acc")
     assert sorted(m.step for m in history) == [1, 2]
-    assert the_run(tracking_uri).info.status == "FINISHED"
+    extended = the_run(tracking_uri)
+    assert extended.info.status == "FINISHED"
+    # MLflow keeps a param's first value; the epochs tag says what the run now trains to.
+    assert extended.data.params["train.epochs"] == "1" and extended.data.tags["epochs"] == "2"
 
 
 @pytest.mark.parametrize(

@@ -38,11 +38,14 @@ class StepAccuracy:
 
     def metrics(self, shown: Sequence[int]) -> dict[str, float]:
         """MLflow metrics: the readout at the shown steps (not all of CT's 1001), DT's blocks."""
-        out = {f"readout_acc_step_{k}": self.readout[k] for k in shown}
-        for name, values in (("block_acc_chain", self.block_chain), ("block_acc_q", self.block_q)):
+        out = {f"readout/acc_step_{k}": self.readout[k] for k in shown}
+        for name, values in (
+            ("blocks/acc_chain", self.block_chain),
+            ("blocks/acc_q", self.block_q),
+        ):
             out |= {f"{name}_{t}": v for t, v in enumerate(values or [], 1)}
         if self.last_block_noise is not None:
-            out["last_block_noise_acc"] = self.last_block_noise
+            out["blocks/last_on_noise_acc"] = self.last_block_noise
         return out
 
 

@@ -12,14 +12,18 @@ experiments, or those an MLflow filter selects, into pandas, and writes to `--ou
   exactly from each run's logged mean and s.e. over its `eval.repeats` inference runs.
 - `table2.md/.csv/.tex`: peak GPU memory (GB, `peak_mem_gb`; CUDA runs only) per variant and
   dataset, one-hot, mean over seeds, beside the paper's.
-- `steps.png/.pdf`, `steps.md/.csv/.tex` when runs logged `test_acc_steps_N` (eval.steps_sweep):
+- `steps.png/.pdf`, `steps.md/.csv/.tex` when runs logged `test_acc_steps/N` (eval.steps_sweep):
   accuracy against the number of inference steps, mean +- s.e. over seeds.
-- `runs.csv`: the runs used, one row each.
+- `runs.csv`: the runs used, one row each, with their setting; `runs_left_out.csv`: the runs
+  of other settings (below), when there are any. The command prints both, cell by cell.
 
 Every row and column of the paper's tables is shown, and the cells without runs read "—": a
-missing number is shown as missing, never dropped or filled in. Only FINISHED runs count, and of
-several runs of one (variant, embedding, dataset, seed) the latest, so that a re-run replaces a
-run instead of counting as one more seed. With a parent run (or `--sweep`) the outputs are also
+missing number is shown as missing, never dropped or filled in. Only FINISHED runs count. A cell
+(variant, embedding, dataset) pools runs of one setting only (experiment preset, epochs,
+training images, solver, inference steps: `runs.comparable_runs`): a paper preset's runs, else
+those of the most epochs, the most images, the latest; `--filter` picks another. Of several runs
+of one seed and setting the latest counts, so that a re-run replaces a run instead of counting
+as one more seed. With a parent run (or `--sweep`) the outputs are also
 logged to it under `report/`. Everything is keyed on the runs' tags (`variant`, `dataset`,
 `embedding`) and params (`seed`, `eval.repeats`, `embedding.dim`), so new variants appear as new
 rows without changes here.
@@ -42,7 +46,14 @@ from matplotlib.figure import Figure
 from noprop_exp.cli import UserError, add_tracking_uri, describe, find_run, open_store, run_command
 from noprop_exp.paper import FIGURE3_EMBEDDING
 from noprop_exp.report.figures import figure3, steps_figure
-from noprop_exp.report.runs import STEPS_PREFIX, find_sweep, search_runs, tidy_runs
+from noprop_exp.report.runs import (
+    KEY,
+    STEPS_PREFIX,
+    comparable_runs,
+    find_sweep,
+    search_runs,
+    tidy_runs,
+)
 from noprop_exp.report.tables import (
     MISSING,
     latex,
@@ -62,6 +73,7 @@ from noprop_exp.store import accuracy_histories
 @dataclass
 class Report:
     runs: pd.DataFrame
+    left_out: pd.DataFrame = field(default_factory=pd.DataFrame)  # runs of other settings
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # long tables, by name
     figures: dict[str, Figure] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
@@ -98,6 +110,9 @@ def write_report(report: Report, out: Path) -> list[Path]:
     wide = {"table1": wide_table1, "table2": wide_table2, "steps": wide_steps}
     files = [out / "runs.csv"]
     report.runs.to_csv(files[0], index=False)
+    if not report.left_out.empty:
+        files.append(out / "runs_left_out.csv")
+        report.left_out.to_csv(files[-1], index=False)
     for name, long in report.tables.items():
         table = wide[name](long)
         long.to_csv(out / f"{name}.csv", index=False)
@@ -125,7 +140,9 @@ def report_from_mlflow(
     client = open_store(tracking_uri)
     parents = [find_run(client, p).info.run_id for p in parent_runs]
     parents += [find_sweep(client, name) for name in sweeps]
-    runs = tidy_runs(search_runs(tracking_uri, experiments, parents, filter_string))
+    runs, left_out = comparable_runs(
+        tidy_runs(search_runs(tracking_uri, experiments, parents, filter_string))
+    )
     if runs.empty:
         raise UserError(
             f"no finished training runs in the MLflow store at {describe(tracking_uri)} match "
@@ -134,6 +151,8 @@ def report_from_mlflow(
         )
     onehot = runs.run_id[runs.embedding == FIGURE3_EMBEDDING]
     report = build_report(runs, accuracy_histories(client, onehot))
+    report.left_out = left_out
+    print(runs_used(runs, left_out))
     write_report(report, out)
     for parent in parents:
         for path in report.files:
@@ -142,6 +161,19 @@ def report_from_mlflow(
     if parents:
         print("logged under report/ of the parent run(s) " + ", ".join(parents))
     return report
+
+
+def runs_used(runs: pd.DataFrame, left_out: pd.DataFrame) -> str:
+    """Which runs each cell pools, and how many of other settings it left out."""
+    lines = []
+    for cell, used in runs.groupby(KEY, sort=True):
+        other = left_out[(left_out[KEY] == pd.Series(cell, index=KEY)).all(axis=1)]
+        ids = ", ".join(run_id[:8] for run_id in used.run_id)
+        line = f"{' '.join(cell)}: {len(used)} run(s) of {used.setting.iloc[0]} [{ids}]"
+        if not other.empty:
+            line += f"; left out {len(other)} of other settings (runs_left_out.csv)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def selection(

@@ -61,7 +61,8 @@ def plot_panels(
         for v in variants
     ]
     figure.legend(handles=handles, loc="outside right center", frameon=False)
-    figure.suptitle(title, fontsize="medium")
+    # Wrapped at the figure's edges: a one-panel figure is narrower than the title.
+    figure.suptitle(title, fontsize="medium", wrap=True)
     return figure
 
 

@@ -79,4 +79,4 @@ class Backprop(Method):
         return torch.stack([self.readout(z) for z in self.chain(x, generator)])
 
     def diagnostics(self) -> dict[str, float]:
-        return {f"mix_{t}": a.item() for t, a in enumerate(self.mixing(), 1)}
+        return {f"mixing/a_{t}": a.item() for t, a in enumerate(self.mixing(), 1)}

@@ -152,7 +152,7 @@ def per_example_sq_error(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def loss_by_time_bin(t: Tensor, per_example: Tensor, bins: int) -> Diagnostics:
-    """`loss_tbin_k` for k = 0..bins-1: the loss of the examples with t in [k/bins, (k+1)/bins).
+    """`loss/tbin_k` for k = 0..bins-1: the loss of the examples with t in [k/bins, (k+1)/bins).
 
     Each value is bins * sum(loss over the bin's examples) / B, an unbiased estimate of
     E[loss | t in bin k] for t ~ U[0, 1] that stays defined when a minibatch has no example in
@@ -163,7 +163,7 @@ def loss_by_time_bin(t: Tensor, per_example: Tensor, bins: int) -> Diagnostics:
     totals = torch.zeros(bins, device=t.device, dtype=per_example.dtype)
     totals.index_add_(0, index, per_example.detach())
     per_bin = totals * (bins / len(t))
-    return {f"loss_tbin_{k}": per_bin[k] for k in range(bins)}
+    return {f"loss/tbin_{k}": per_bin[k] for k in range(bins)}
 
 
 # How the baselines choose z_0 (config value `z0`); the paper does not say.

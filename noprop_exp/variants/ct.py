@@ -97,8 +97,8 @@ class NoPropCT(ContinuousTimeMethod):
         denoising = weighted.mean()
         head = self.head_loss(y, self.end_alpha_bars(x.device))
         diagnostics = {
-            "denoise_loss": denoising.detach(),
-            "head_loss": head.detach(),
+            "loss/denoise": denoising.detach(),
+            "loss/head": head.detach(),
             **loss_by_time_bin(t, weighted, self.loss_bins),
         }
         yield denoising + head, diagnostics
@@ -140,6 +140,6 @@ class NoPropCT(ContinuousTimeMethod):
         if not isinstance(self.schedule, LearnedSchedule):
             return {}
         return {
-            "gamma_0": self.schedule.gamma_0.item(),
-            "gamma_1": self.schedule.gamma_1.item(),
+            "schedule/gamma_0": self.schedule.gamma_0.item(),
+            "schedule/gamma_1": self.schedule.gamma_1.item(),
         }

@@ -100,8 +100,8 @@ class NoPropDT(Method):
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         blocks = self.block_losses(x, y)
         head = self.head_loss(y)
-        diagnostics = {f"block_loss_{t}": term.detach() for t, term in enumerate(blocks, 1)}
-        diagnostics["head_loss"] = head.detach()
+        diagnostics = {f"loss/block_{t}": term.detach() for t, term in enumerate(blocks, 1)}
+        diagnostics["loss/head"] = head.detach()
         yield blocks.sum() + head, diagnostics
         # Algorithm 1 updates the head with every block; these steps keep that ratio cheaply.
         for _ in range(self.head_updates - 1):

@@ -79,13 +79,13 @@ class NoPropFM(ContinuousTimeMethod):
         per_example = per_example_sq_error(v_hat, u_y - z_0)
         loss = per_example.mean()
         diagnostics = {
-            "velocity_loss": loss.detach(),
+            "loss/velocity": loss.detach(),
             **loss_by_time_bin(t, per_example, self.loss_bins),
         }
         if self.head is not None:
             z_1_hat = z_t + (1 - t_z) * v_hat  # one Euler step to t = 1
             anchor = F.cross_entropy(self.head(z_1_hat), y)
-            diagnostics["anchor_loss"] = anchor.detach()
+            diagnostics["loss/anchor"] = anchor.detach()
             loss = loss + anchor
         yield loss, diagnostics
 
