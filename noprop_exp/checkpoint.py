@@ -12,6 +12,11 @@ Two artifact slots, `checkpoint/slot-0.pt` and `checkpoint/slot-1.pt`, take turn
 while writing therefore leaves the tag on the previous, complete checkpoint, whatever the artifact
 store (a local folder copies files in place, it does not rename them); disk use stays at two
 checkpoints however long the run.
+
+A distributed run (distributed.py) writes one checkpoint, from rank 0, after each block's owner
+has shared it: the weights once, and for each rank its optimiser state, generators and loss sums
+(a block-parallel rank holds the optimiser state of its own blocks only). It continues on as many
+processes as wrote it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
+from torch.utils._pytree import tree_map
+
+from noprop_exp.distributed import ONE_PROCESS, World
 
 CHECKPOINT_TAG = "checkpoint"  # value: "<artifact path>@<epoch>.<step>"
 SLOTS = ("checkpoint/slot-0.pt", "checkpoint/slot-1.pt")
@@ -55,25 +63,30 @@ def set_rng_state(state: dict[str, Any], shuffle: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def on_cpu(state: Any) -> Any:
+    """`state` with its tensors moved to the CPU, to travel between processes."""
+    return tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, state)
+
+
 def save_checkpoint(
-    run_id: str,
+    run_id: str | None,
     method: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     shuffle: torch.Generator,
     loop: LoopState,
-) -> str:
+    world: World = ONE_PROCESS,
+) -> str | None:
     """Write the checkpoint into the slot not named by the run's tag, then point the tag at it;
-    returns the tag's new value."""
+    returns the tag's new value. Every process of a distributed run calls it (with the blocks
+    gathered); rank 0 writes, the others return None."""
+    own = {"optimizer": optimizer.state_dict(), "rng": rng_state(shuffle), "sums": loop.sums}
+    ranks = world.gather(on_cpu(own) if world.size > 1 else own)
+    if not world.is_main:
+        return None
     client = MlflowClient()
     current = client.get_run(run_id).data.tags.get(CHECKPOINT_TAG, "")
     slot = SLOTS[1] if current.startswith(SLOTS[0]) else SLOTS[0]
-    payload = {
-        "format": 1,
-        "loop": asdict(loop),
-        "method": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(shuffle),
-    }
+    payload = {"format": 2, "loop": asdict(loop), "method": method.state_dict(), "ranks": ranks}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / Path(slot).name
         torch.save(payload, path)
@@ -92,18 +105,27 @@ def load_checkpoint(
     method: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     shuffle: torch.Generator,
+    world: World = ONE_PROCESS,
 ) -> LoopState:
     """Restore the run's last complete checkpoint into the objects given; returns the loop's
-    state. Call after everything that draws random numbers before training."""
-    client = MlflowClient()
-    slot = client.get_run(run_id).data.tags[CHECKPOINT_TAG].partition("@")[0]
-    with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(run_id, slot, folder)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    method.load_state_dict(payload["method"])
-    optimizer.load_state_dict(payload["optimizer"])
-    set_rng_state(payload["rng"], shuffle)
+    state. Call after everything that draws random numbers before training. Every process of a
+    distributed run calls it; rank 0 reads the checkpoint and hands it to the others."""
+    payload = None
+    if world.is_main:
+        client = MlflowClient()
+        slot = client.get_run(run_id).data.tags[CHECKPOINT_TAG].partition("@")[0]
+        with tempfile.TemporaryDirectory() as folder:
+            path = client.download_artifacts(run_id, slot, folder)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = world.broadcast(payload)
     loop = LoopState(**payload["loop"])
+    # Format 1: one process's checkpoint, written before distributed runs existed. A run
+    # continues on as many processes as wrote it (resume.py checks).
+    ranks = payload.get("ranks") or [{**payload, "sums": loop.sums}]
+    own = ranks[world.rank]
+    method.load_state_dict(payload["method"])
+    optimizer.load_state_dict(own["optimizer"])
+    set_rng_state(own["rng"], shuffle)
     device = next(method.parameters()).device
-    loop.sums = {name: value.to(device) for name, value in loop.sums.items()}
+    loop.sums = {name: value.to(device) for name, value in own["sums"].items()}
     return loop

@@ -83,13 +83,17 @@ def pass_on(stopped: RunStopped) -> NoReturn:
 
 class Heartbeat:
     """Sets the active run's heartbeat tag: `beat()` always, `maybe_beat()` when it is due.
-    At an epoch's end `beat(epochs_done=...)` also records the epochs completed."""
+    At an epoch's end `beat(epochs_done=...)` also records the epochs completed. A process
+    without a run (rank > 0 of a distributed run) has a heartbeat that is not `enabled`."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.last = 0.0
+        self.enabled = enabled
 
     def beat(self, epochs_done: int | None = None) -> None:
         self.last = time.monotonic()
+        if not self.enabled:
+            return
         tags = {HEARTBEAT_TAG: f"{time.time():.1f}"}
         if epochs_done is not None:
             tags[EPOCHS_DONE_TAG] = str(epochs_done)

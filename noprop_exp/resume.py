@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from noprop_exp.checkpoint import has_checkpoint
+from noprop_exp.distributed import WORLD_SIZE_PARAM
 from noprop_exp.lifecycle import EPOCHS_DONE_TAG
 from noprop_exp.tracking import flatten_config
 
@@ -88,15 +89,16 @@ def command_line_keys() -> list[str] | None:
     return [o.key_or_group for o in overrides]
 
 
-def plan_run(cfg: DictConfig, given: list[str] | None) -> Plan:
+def plan_run(cfg: DictConfig, given: list[str] | None, world_size: int = 1) -> Plan:
     """Decide from `cfg.train.resume`; `given`: the keys set on the command line (None: every
-    key of `cfg` counts as given, as when `train.run` is called from Python)."""
+    key of `cfg` counts as given, as when `train.run` is called from Python); `world_size`: the
+    processes this run trains on (a run continues on as many as it started with)."""
     fresh = Plan(cfg, tags={CONFIG_HASH_TAG: config_hash(cfg)})
     if cfg.train.resume is None:
         return fresh
     client = MlflowClient(cfg.mlflow.tracking_uri)
     if cfg.train.resume == "auto":
-        return plan_auto(client, cfg, fresh)
+        return plan_auto(client, cfg, fresh, world_size)
     run = get_run(client, cfg.train.resume, cfg.mlflow.tracking_uri)
     if not has_checkpoint(run.data.tags):
         raise ResumeError(f"run {run.info.run_id} has no checkpoint to continue from")
@@ -106,10 +108,10 @@ def plan_run(cfg: DictConfig, given: list[str] | None) -> Plan:
             f"run {run.info.run_id} already finished its {epochs_done(run)} epochs: "
             "raise train.epochs to train it further"
         )
-    return reopen(client, run, merged)
+    return reopen(client, run, merged, world_size)
 
 
-def plan_auto(client: MlflowClient, cfg: DictConfig, fresh: Plan) -> Plan:
+def plan_auto(client: MlflowClient, cfg: DictConfig, fresh: Plan, world_size: int) -> Plan:
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
     if experiment is None:
         return fresh
@@ -127,7 +129,7 @@ def plan_auto(client: MlflowClient, cfg: DictConfig, fresh: Plan) -> Plan:
         return Plan(cfg, finished=dict(run.data.metrics))
     if run.info.status in RESUMABLE and has_checkpoint(run.data.tags):
         log.info("train.resume=auto: continuing run %s (%s)", run.info.run_id, run.info.status)
-        return reopen(client, run, cfg)
+        return reopen(client, run, cfg, world_size)
     return fresh
 
 
@@ -178,7 +180,15 @@ def plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def reopen(client: MlflowClient, run: Run, cfg: DictConfig) -> Plan:
+def reopen(client: MlflowClient, run: Run, cfg: DictConfig, world_size: int) -> Plan:
+    # Each process's optimiser state is in the checkpoint (a block-parallel one holds its own
+    # blocks' only), so a run continues on the number of processes that wrote it.
+    trained_on = int(run.data.params.get(WORLD_SIZE_PARAM, "1"))
+    if trained_on != world_size:
+        raise ResumeError(
+            f"run {run.info.run_id} trained on {trained_on} process(es) and continues on as "
+            f"many: start it with torchrun --nproc-per-node {trained_on} (this is {world_size})"
+        )
     for tag in STALE_TAGS:
         if tag in run.data.tags:
             client.delete_tag(run.info.run_id, tag)

@@ -97,6 +97,33 @@ class RunTracker:
             mlflow.log_artifact(str(path), artifact_path)
 
 
+class NoTracker(RunTracker):
+    """What a process without the run logs (rank > 0 of a distributed run): nothing."""
+
+    def __init__(self) -> None:
+        self.run_id = self.experiment_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def latest_metrics(self) -> dict[str, float]:
+        return {}
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        pass
+
+    def log_state_dict(self, module: torch.nn.Module, artifact_path: str = "model") -> None:
+        pass
+
+
+@contextmanager
+def untracked() -> Iterator[RunTracker]:
+    yield NoTracker()
+
+
 @contextmanager
 def tracked_run(
     cfg: DictConfig,

@@ -7,6 +7,10 @@ each epoch train on every minibatch (timed, evaluation excluded), evaluate on th
 weights. SIGTERM or Ctrl-C stops the loop after its minibatch with a checkpoint (lifecycle.py).
 One epoch is one pass over the training set; on each minibatch the method takes the optimiser
 steps it asks for (NoProp-DT: all T blocks at once, then its extra head steps).
+
+Started by torchrun, every process runs this loop on the same minibatches; `parallel`
+(distributed.py) splits the work, sums gradients and gathers the model, and rank 0 alone
+records the run, evaluates and draws.
 """
 
 from __future__ import annotations
@@ -36,10 +40,18 @@ from noprop_exp.config import (  # importing registers the schema
 )
 from noprop_exp.console import announce, summary_line, timed
 from noprop_exp.data import DataSplits, minibatches
+from noprop_exp.distributed import (
+    WORLD_SIZE_PARAM,
+    SingleProcess,
+    World,
+    join,
+    leave,
+    parallel_training,
+)
 from noprop_exp.evaluation import Accuracy, accuracy_on_split
 from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
 from noprop_exp.resume import command_line_keys, plan_run
-from noprop_exp.tracking import tracked_run
+from noprop_exp.tracking import tracked_run, untracked
 from noprop_exp.validation import check_run_config, check_search_objective
 from noprop_exp.variants.base import Diagnostics, Method
 
@@ -74,14 +86,22 @@ def compile_networks(method: Method) -> None:
 
 
 def train_step(
-    method: Method, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, precision: str
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    precision: str,
+    parallel: SingleProcess | None = None,
 ) -> tuple[Tensor, Diagnostics]:
     """One minibatch: an optimiser step on each loss the method yields, in order; returns the
     first (the method's main loss; later ones are auxiliary steps) and its diagnostics.
 
     The method's forward passes run under `autocast`, the backward passes outside it, as
-    torch.autocast's documentation recommends. Nothing here waits for the device.
+    torch.autocast's documentation recommends. Nothing here waits for the device. With several
+    processes, `parallel` gives each its share and sums the gradients before each step.
     """
+    parallel = parallel or SingleProcess(None, method)
+    parallel.begin_minibatch(len(y))
     losses = method.update_losses(x, y)
     main = None
     while True:
@@ -91,7 +111,8 @@ def train_step(
             return main
         loss, diagnostics = item
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parallel.scale(loss).backward()
+        parallel.after_backward()
         optimizer.step()
         if main is None:
             main = (loss.detach(), diagnostics)
@@ -130,16 +151,28 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
     """
     if choices is None:
         choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    plan = plan_run(cfg, command_line_keys())
+    world, device = join(resolve_device(Device(cfg.device).value))
+    try:
+        return train(cfg, choices, world, device)
+    finally:
+        leave(world)
+
+
+def train(
+    cfg: DictConfig, choices: Mapping[str, str], world: World, device: torch.device
+) -> dict[str, float]:
+    """`run` in one process of `world` (a world of one without torchrun)."""
+    plan = plan_run(cfg, command_line_keys(), world.size) if world.is_main else None
+    plan = world.broadcast(plan)
     if plan.finished is not None:
         return plan.finished
     cfg = plan.cfg
     check_run_config(cfg)
     precision = cfg.train.precision
-    device = resolve_device(Device(cfg.device).value)
     torch.manual_seed(cfg.seed)
     run_parts = assemble(cfg, device)
     data, method, solver = run_parts.data, run_parts.method, run_parts.solver
+    parallel = parallel_training(world, method)
     if cfg.train.compile:
         compile_networks(method)
     steps = cfg.eval.steps or method.default_steps()
@@ -159,26 +192,35 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
         with timed(f"{what}, {cfg.eval.repeats} run(s)"), autocast(cfg.train.precision, device):
             return accuracy_on_split(method, data, cfg.eval, num_steps, solver, split=split)
 
+    def checkpoint() -> None:
+        parallel.gather_model()
+        save_checkpoint(tracker.run_id, method, optimizer, shuffle, loop, world)
+
     with (
-        tracked_run(cfg, choices, plan.tags, plan.run_id) as tracker,
+        (
+            tracked_run(cfg, choices, plan.tags, plan.run_id) if world.is_main else untracked()
+        ) as tracker,
         stop_on_signals() as stop,
-        logging_redirect_tqdm(),  # log lines print above the progress bar, not through it
+        logging_redirect_tqdm(),
     ):
-        log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
+        # (logging_redirect_tqdm: log lines print above the progress bar, not through it)
+        if world.is_main:
+            log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
         tracker.log_params(epoch_meaning(data, batches_per_epoch, method))
         loop, metrics = LoopState(), {}
         if plan.run_id is not None:
             # After every draw from the generators above, so that they continue from the state
             # the run was stopped in.
-            loop = load_checkpoint(tracker.run_id, method, optimizer, shuffle)
+            loop = load_checkpoint(plan.run_id, method, optimizer, shuffle, world)
             metrics = tracker.latest_metrics()
             log.info("continuing epoch %d after %d minibatches", loop.epoch + 1, loop.step)
-        heartbeat = Heartbeat()
+        tracker.log_params({WORLD_SIZE_PARAM: world.size, "distributed.mode": parallel.mode})
+        heartbeat = Heartbeat(enabled=world.is_main)
         heartbeat.beat()
         progress = tqdm(
             total=cfg.train.epochs * batches_per_epoch,
             initial=loop.epoch * batches_per_epoch + loop.step,
-            disable=None,
+            disable=None if world.is_main else True,
             unit="batch",
         )
         for epoch in range(loop.epoch + 1, cfg.train.epochs + 1):
@@ -193,7 +235,7 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
             batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
             for x, y in itertools.islice(batches, loop.step, None):
                 step = loop.step
-                main_loss, diagnostics = train_step(method, optimizer, x, y, cfg.train.precision)
+                main_loss, diagnostics = train_step(method, optimizer, x, y, precision, parallel)
                 loop.step += 1
                 for name, value in {"train_loss": main_loss, **diagnostics}.items():
                     loop.sums[name] = loop.sums.get(name, 0.0) + value
@@ -202,20 +244,25 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
                     progress.set_postfix(epoch=epoch, loss=f"{main_loss.item():.4f}", refresh=False)
                     heartbeat.maybe_beat()
                 progress.update()
-                if stop:
+                if world.any(bool(stop)):  # every process stops after the same minibatch
+                    stop.signal_name = stop.signal_name or "SIGTERM"
                     break
             synchronize(device)
             loop.train_time_s += time.perf_counter() - started
             if stop and loop.step < batches_per_epoch:
-                save_checkpoint(tracker.run_id, method, optimizer, shuffle, loop)
+                checkpoint()
                 raise RunStopped(stop.signal_name, epoch)
 
-            metrics = {k: (total / batches_per_epoch).item() for k, total in loop.sums.items()}
+            sums = parallel.epoch_sums(loop.sums)
+            metrics = {k: (total / batches_per_epoch).item() for k, total in sums.items()}
             check_finite(metrics["train_loss"], f"on average in epoch {epoch}", precision)
             metrics["train_time_s"] = loop.train_time_s
             if device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-            if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
+            evaluate = epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs
+            if evaluate:
+                parallel.gather_model()
+            if evaluate and world.is_main:
                 accuracies = {}
                 if data.val_y is not None:
                     held_out = split_accuracy(steps, "val")
@@ -231,17 +278,22 @@ def run(cfg: DictConfig, choices: Mapping[str, str] | None = None) -> dict[str, 
                     epoch=epoch, loss=f"{metrics['train_loss']:.4f}", test_acc=f"{result.mean:.2f}"
                 )
             tracker.log_metrics(metrics, step=epoch)
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if world.is_main:
+                log.info(
+                    "epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                )
             loop.epoch, loop.step = epoch, 0
             every = cfg.train.checkpoint_every
             if stop or epoch == cfg.train.epochs or (every and epoch % every == 0):
-                save_checkpoint(tracker.run_id, method, optimizer, shuffle, loop)
+                checkpoint()
             heartbeat.beat(epochs_done=epoch)
             if stop:
                 raise RunStopped(stop.signal_name, epoch)
         progress.close()
         if stop:  # before the evaluations and pictures of the end, which may take long
             raise RunStopped(stop.signal_name, loop.epoch)
+        if not world.is_main:  # the model is rank 0's to evaluate, log and draw
+            return metrics
 
         if cfg.eval.steps_sweep:
             by_steps = []

@@ -64,7 +64,8 @@ def test_chain_mixes_each_blocks_prediction_with_tanh_of_learned_weights(backpro
     ]
     method.eval()
     with torch.no_grad():
-        states = method.chain(data.test_x[:6])
+        images = data.test_x[:6]
+        states = method.chain(images, method.initial_z(images))
     for hook in hooks:
         hook.remove()
     weight = method.embedding.weight

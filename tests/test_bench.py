@@ -46,6 +46,26 @@ def test_smoke_run_prints_the_table_and_records_it(tmp_path, tracking_uri, capsy
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"bench.csv", "bench.md"}
 
 
+def test_scaling_is_measured_on_one_and_two_processes(tmp_path, tracking_uri, capsys):
+    out = tmp_path / "bench"
+    options = ["--variants", "dt,ct", "--device", "cpu", "--out", str(out), "--processes", "1,2"]
+    bench.main(["--smoke", *options, "--tracking-uri", tracking_uri])
+    table = pd.read_csv(tmp_path / "bench-scaling.csv")
+    assert table[["variant", "processes"]].values.tolist() == [
+        ["dt", 1],
+        ["dt", 2],
+        ["ct", 1],
+        ["ct", 2],
+    ]
+    assert table["mode"].tolist() == ["none", "block", "none", "data"]
+    assert (table["train_img_s"] > 0).all()
+    one = table[table.processes == 1].set_index("variant").train_img_s
+    two = table[table.processes == 2].set_index("variant")
+    assert two.speedup.to_dict() == pytest.approx((two.train_img_s / one).to_dict())
+    assert two.efficiency.to_dict() == pytest.approx((two.train_img_s / (2 * one)).to_dict())
+    assert "| variant | processes | threads_each | mode | train_img_s |" in capsys.readouterr().out
+
+
 def test_variants_default_to_every_config_and_unknown_ones_fail():
     assert bench.parse_args([]).variants == sorted(p.stem for p in CONF_DIR.glob("variant/*.yaml"))
     with pytest.raises(SystemExit):

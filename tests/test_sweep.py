@@ -9,12 +9,6 @@ import itertools
 import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,12 +27,14 @@ from noprop_exp.report import report_from_mlflow
 from noprop_exp.sweep import SweepParentRun, sweep_name, sweep_overrides
 from noprop_exp.tracking import PARENT_RUN_ENV
 from noprop_exp.train import run
-from tests.conftest import TINY
-
-REPO = Path(__file__).resolve().parents[1]
-SWEEPS = REPO / "sweeps"
-# Tiny jobs, a second or two each once Python has started: nothing saved beside the metrics.
-TINY_JOB = [*TINY, "train.epochs=1", "eval.pictures=false", "mlflow.log_model=false"]
+from tests.processes import (
+    REPO,
+    SWEEPS,
+    TINY_JOB,
+    mlflow_server,
+    multirun,
+    parent_and_children,
+)
 
 
 @pytest.fixture(scope="session")
@@ -54,41 +50,6 @@ def store(tmp_path, empty_store) -> str:
     """The tracking URI of a fresh, empty MLflow store in tmp_path."""
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def multirun(
-    tmp_path: Path, tracking_uri: str, *overrides: str, sweep_file: str | None = None
-) -> subprocess.CompletedProcess:
-    """`noprop-train -m [-cd sweeps -cn SWEEP_FILE]` in a subprocess, run from tmp_path (so
-    artifacts land there)."""
-    command = [
-        sys.executable,
-        "-m",
-        "noprop_exp.train",
-        "-m",
-        *(["-cd", str(SWEEPS), "-cn", sweep_file] if sweep_file else []),
-        *TINY_JOB,
-        f"mlflow.tracking_uri={tracking_uri}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        *overrides,
-    ]
-    # One thread per job: these jobs are too small to gain from more, and on a busy machine
-    # extra threads only wait for each other.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def parent_and_children(tracking_uri: str):
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("noprop").experiment_id])
-    parents = [r for r in runs if "sweep" in r.data.tags]
-    assert len(parents) == 1, [r.data.tags for r in runs]
-    children = [r for r in runs if r.info.run_id != parents[0].info.run_id]
-    for child in children:
-        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-    return parents[0], sorted(children, key=lambda r: r.data.params["train.lr"])
 
 
 @pytest.mark.parametrize(
@@ -216,55 +177,17 @@ def test_a_sweep_is_named_after_its_config_else_its_swept_overrides(
     assert sweep_name(config, *sweep_overrides(config)) == expected
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port, sqlite-backed, always stopped."""
-    port = free_port()
-    command = [
-        *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"),
-        *("--artifacts-destination", str(tmp_path / "server-artifacts")),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-    ]
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()
-                    )
-                time.sleep(0.5)
+def sqlite_server(tmp_path):
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: our own group
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.mark.slow
-def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_server):
-    result = multirun(tmp_path, mlflow_server, "seed=0,1")
+def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, sqlite_server):
+    result = multirun(tmp_path, sqlite_server, "seed=0,1")
     assert result.returncode == 0, result.stderr
-    parent, children = parent_and_children(mlflow_server)
+    parent, children = parent_and_children(sqlite_server)
     assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
     assert {c.info.status for c in children} == {"FINISHED"}
     assert parent.info.status == "FINISHED"
@@ -275,7 +198,7 @@ def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_serv
     assert parent.data.tags["mlflow.note.content"] == "2 jobs returned, 0 failed"
     assert "failed_jobs" not in parent.data.tags
 
-    report = report_from_mlflow(mlflow_server, tmp_path / "report", sweeps=["seed=0,1"])
+    report = report_from_mlflow(sqlite_server, tmp_path / "report", sweeps=["seed=0,1"])
     # One panel per dataset (here the synthetic one), one line per variant.
     (panel,) = report.figures["figure3"].axes
     assert panel.get_title() == "synthetic"
@@ -295,7 +218,7 @@ def test_a_tracking_server_receives_a_sweep_and_its_report(tmp_path, mlflow_serv
     table2 = (tmp_path / "report" / "table2.md").read_text()
     # CPU runs: memory missing, paper beside
     assert f"| NoProp-DT | — | {paper.memory_gb('dt', 'mnist'):.2f} |" in table2
-    logged = MlflowClient(mlflow_server).list_artifacts(parent.info.run_id, "report")
+    logged = MlflowClient(sqlite_server).list_artifacts(parent.info.run_id, "report")
     assert {"report/figure3.png", "report/table1.md", "report/table2.csv"} <= {
         a.path for a in logged
     }
@@ -387,7 +310,7 @@ def test_compose_file_wires_trainer_to_the_postgres_backed_mlflow_server():
     assert server[:2] == ["mlflow", "server"]
     backend = server[server.index("--backend-store-uri") + 1]
     assert backend == (
-        f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+        f"postgresql+psycopg2://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
         f"@postgres:5432/{postgres['POSTGRES_DB']}"
     )
     assert "--serve-artifacts" in server and "--artifacts-destination" in server

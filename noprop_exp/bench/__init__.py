@@ -24,6 +24,9 @@ passes more. Per variant:
 The machine (CPU model, GPU name), torch version and the table go to `<out>.csv`, `<out>.md`
 and an MLflow run in experiment `noprop-bench`. The measurements themselves are in
 `noprop_exp.bench.measure`.
+
+`--processes 1,2,...` measures instead how training scales over processes under torchrun
+(`noprop_exp.bench.scaling`): `<out>-scaling.csv/.md`, one row per variant and process count.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from omegaconf import DictConfig
 
 from noprop_exp import train
 from noprop_exp.assemble import assemble, resolve_device
-from noprop_exp.bench import measure
+from noprop_exp.bench import measure, scaling
 from noprop_exp.config import CONF_DIR, Device, compose, default_tracking_uri
 from noprop_exp.report.tables import markdown_table
 from noprop_exp.store import accuracy_histories, experiment_id
@@ -204,7 +207,13 @@ def bench_cell(value: object) -> str:
 
 
 def report(rows: list[Row], machine: dict[str, str], command: str) -> tuple[pd.DataFrame, str]:
-    frame = pd.DataFrame([row.flat() for row in rows])
+    return report_frame(pd.DataFrame([row.flat() for row in rows]), machine, command)
+
+
+def report_frame(
+    frame: pd.DataFrame, machine: dict[str, str], command: str
+) -> tuple[pd.DataFrame, str]:
+    """The table in markdown under what it was measured on and the command."""
     header = [
         "# noprop-bench",
         "",
@@ -250,7 +259,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--infer-steps", default="10,1000", help="comma-separated step counts")
     parser.add_argument("--infer-images", type=int, help="default: the test set (smoke 16)")
+    parser.add_argument(
+        "--processes", help="comma-separated process counts, e.g. 1,2: training scaling instead"
+    )
     args = parser.parse_args(argv)
+    if args.processes:
+        args.processes = [int(n) for n in args.processes.split(",")]
 
     known = available_variants()
     args.variants = args.variants.split(",") if args.variants else known
@@ -282,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(args.device)
     machine = measure.describe_machine(device)
     command = shlex.join(["noprop-bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.processes:
+        scaling_table(args, machine, command)
+        return
     client = MlflowClient(args.tracking_uri)
     bench_run = client.create_run(
         experiment_id(client, EXPERIMENT), run_name=f"noprop-bench {machine['gpu']}"
@@ -310,6 +327,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
     if failed:
         raise SystemExit(f"noprop-bench: failed for {', '.join(failed)} (see the notes column)")
+
+
+def scaling_table(args: argparse.Namespace, machine: dict[str, str], command: str) -> None:
+    """Training images/s of each variant on each of `args.processes` processes (torchrun)."""
+    rows = []
+    for variant in args.variants:
+        print(f"noprop-bench: {variant} on {args.processes} processes ...", file=sys.stderr)
+        overrides = variant_overrides(variant, args)
+        for row in scaling.measure_scaling(
+            overrides, args.processes, args.warmup_steps, args.train_steps
+        ):
+            rows.append({"variant": variant, **row})
+    frame, markdown = report_frame(pd.DataFrame(rows), machine, command)
+    out = Path(f"{args.out}-scaling")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out.with_suffix(".csv"), index=False)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def log_to_mlflow(

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from noprop_exp import train
 from noprop_exp.assemble import Assembled
 from noprop_exp.data import minibatches
+from noprop_exp.distributed import SingleProcess
 
 
 def describe_machine(device: torch.device) -> dict[str, str]:
@@ -54,20 +55,27 @@ def endless_batches(assembled: Assembled, batch_size: int, seed: int) -> Iterato
 
 
 def training_throughput(
-    assembled: Assembled, cfg: DictConfig, device: torch.device, warmup: int, steps: int
+    assembled: Assembled,
+    cfg: DictConfig,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    parallel: SingleProcess | None = None,
 ) -> float:
-    """Images/s of `train.train_step` (the loop's step) on full minibatches."""
+    """Images/s of `train.train_step` (the loop's step) on full minibatches; with `parallel`,
+    this process's share of a distributed step (bench/scaling.py)."""
     method = assembled.method
     optimizer = train.make_optimizer(cfg.train, method)
     batches = endless_batches(assembled, cfg.train.batch_size, cfg.seed)
     method.train()
+    precision = cfg.train.precision
     for _ in range(warmup):
-        train.train_step(method, optimizer, *next(batches), cfg.train.precision)
+        train.train_step(method, optimizer, *next(batches), precision, parallel)
     work = [next(batches) for _ in range(steps)]  # gathered before the clock starts
     train.synchronize(device)
     started = time.perf_counter()
     for x, y in work:
-        train.train_step(method, optimizer, x, y, cfg.train.precision)
+        train.train_step(method, optimizer, x, y, precision, parallel)
     train.synchronize(device)
     return steps * cfg.train.batch_size / (time.perf_counter() - started)
 

@@ -149,7 +149,12 @@ class AdjointODE(Method):
         return self.solve(features, z0, zero, one, steps, adjoint)
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
-        z1 = self.terminal_state(x, self.train_steps, adjoint=True)
+        features = self.network.image_features(*self.own(x))
+        # z_0 for the whole minibatch, then this process's share: what one process would draw.
+        whole = initial_latent(self.z0, len(x), self.embedding.z_shape, features)
+        (z0,), (y,) = self.own(whole), self.own(y)
+        zero, one = time_grid(1, z0.device, z0.dtype)
+        z1 = self.solve(features, z0, zero, one, self.train_steps, adjoint=True)
         yield F.cross_entropy(self.readout(z1), y), {}
 
     @torch.no_grad()

@@ -53,9 +53,11 @@ class Backprop(Method):
         """a_t = tanh(w_t), t = 1..T: how far block t moves z towards its own prediction."""
         return torch.tanh(self.mix_logits)
 
-    def chain(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-        """z_0 .. z_T for images x; every z_t keeps its graph to all earlier blocks."""
-        z = initial_latent(self.z0, x.shape[0], self.embedding.z_shape, x, generator)
+    def initial_z(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return initial_latent(self.z0, x.shape[0], self.embedding.z_shape, x, generator)
+
+    def chain(self, x: Tensor, z: Tensor) -> list[Tensor]:
+        """z_0 = z .. z_T for images x; every z_t keeps its graph to all earlier blocks."""
         states = [z]
         for block, a in zip(self.blocks, self.mixing(), strict=True):
             u_hat = self.embedding.mix(F.softmax(block(z, x), dim=1))
@@ -64,7 +66,8 @@ class Backprop(Method):
         return states
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
-        yield F.cross_entropy(self.readout(self.chain(x)[-1]), y), {}
+        x, y, z = self.own(x, y, self.initial_z(x))
+        yield F.cross_entropy(self.readout(self.chain(x, z)[-1]), y), {}
 
     @torch.no_grad()
     def trajectory(
@@ -76,7 +79,7 @@ class Backprop(Method):
                 f"variant=backprop infers with its {self.num_blocks} blocks: set eval.steps=null "
                 f"or {self.num_blocks} (got {steps})"
             )
-        return torch.stack([self.readout(z) for z in self.chain(x, generator)])
+        return torch.stack([self.readout(z) for z in self.chain(x, self.initial_z(x, generator))])
 
     def diagnostics(self) -> dict[str, float]:
         return {f"mixing/a_{t}": a.item() for t, a in enumerate(self.mixing(), 1)}

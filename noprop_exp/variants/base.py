@@ -44,6 +44,15 @@ class Method(nn.Module):
     # The linear head p(y | z) that `readout` uses; annotated only, since a class-level value
     # would shadow the submodule nn.Module registers.
     head: LinearHead
+    # The examples of each minibatch this process computes: all of them, unless data-parallel
+    # training (distributed.py) gives each process a share. A method draws its random numbers
+    # for the whole minibatch, then keeps these (`own`), so that N processes draw what one
+    # process would.
+    examples: slice = slice(None)
+
+    def own(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The examples of this process (`examples`) of each minibatch-sized tensor."""
+        return tuple(tensor[self.examples] for tensor in tensors)
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         """Losses for one minibatch, each minimised by its own optimiser step, in order.

@@ -82,6 +82,7 @@ class NoPropCT(ContinuousTimeMethod):
         """CE of the linear head on z_1 ~ q(z_1 | y), plus KL(q(z_0 | y) || N(0, I))."""
         u_y = self.embedding(y)
         z_1 = sample_q(u_y, end_alpha_bars[1])
+        y, u_y, z_1 = self.own(y, u_y, z_1)
         return F.cross_entropy(self.readout(z_1), y) + kl_to_prior(u_y, end_alpha_bars[0]).mean()
 
     def optimizer_steps_per_minibatch(self) -> int:
@@ -91,6 +92,7 @@ class NoPropCT(ContinuousTimeMethod):
         u_y = self.embedding(y)
         t = sample_times(len(y), self.t_sampling, x.device)
         z_t = sample_q(u_y, broadcast_time(self.schedule.alpha_bar(t), u_y))
+        x, u_y, t, z_t = self.own(x, u_y, t, z_t)
         u_hat = self.denoise(z_t, self.network.image_features(x), t)
         # snr_prime keeps its graph to a learned schedule's parameters: the weight trains it.
         weighted = self.eta / 2 * snr_prime(self.schedule, t) * per_example_sq_error(u_hat, u_y)

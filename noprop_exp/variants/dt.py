@@ -65,6 +65,17 @@ class NoPropDT(Method):
         snrs = snr(parts.schedule, time_grid(num_blocks, alpha_bars.device))
         # (T/2) * eta * (SNR(t) - SNR(t-1)) of Algorithm 1, one weight per block.
         self.register_buffer("block_weights", num_blocks / 2 * eta * (snrs[1:] - snrs[:-1]))
+        # What this process trains: every block and the whole head loss, unless block-parallel
+        # training (distributed.py) gives it a share (`own_blocks`).
+        self.owned, self.head_share = range(num_blocks), 1.0
+
+    def own_blocks(self, blocks: range, head_share: float) -> None:
+        """Train only `blocks` (0-based) and `head_share` of the head loss (block-parallel)."""
+        self.owned, self.head_share = blocks, head_share
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """What every block's process trains: the head, and W when it is learned."""
+        return [*self.head.parameters(), *self.embedding.parameters()]
 
     def default_steps(self) -> int:
         return self.num_blocks
@@ -74,18 +85,23 @@ class NoPropDT(Method):
         return self.embedding.mix(F.softmax(self.blocks[block - 1](z, x), dim=1))
 
     def block_losses(self, x: Tensor, y: Tensor) -> Tensor:
-        """(T,) denoising terms; term t depends on block t's parameters (and W) only."""
+        """The denoising terms of the blocks trained here (all T, unless block-parallel); term
+        t depends on block t's parameters (and W) only."""
         u_y = self.embedding(y)
-        # z_{t-1} ~ q(z_{t-1} | y) for every block t, drawn at once: (T, B, *z_shape).
+        # z_{t-1} ~ q(z_{t-1} | y) for every block t, drawn at once: (T, B, *z_shape); drawn
+        # for all T even when this process trains a share, so all processes draw alike.
         alpha_bar = self.alpha_bars[:-1].view(-1, *[1] * u_y.dim())
         z_prev = sample_q(u_y.expand(self.num_blocks, *u_y.shape), alpha_bar)
         if self.fused:
             logits = self.blocks(z_prev, x)
         else:
-            logits = torch.stack([b(z, x) for b, z in zip(self.blocks, z_prev, strict=True)])
+            z_prev = z_prev[self.owned.start : self.owned.stop]
+            logits = torch.stack(
+                [self.blocks[t](z, x) for t, z in zip(self.owned, z_prev, strict=True)]
+            )
         u_hat = self.embedding.mix(F.softmax(logits, dim=-1).flatten(0, 1)).view_as(z_prev)
         errors = (u_hat - u_y).flatten(2).pow(2).sum(2)  # (T, B): ||u_hat_t - u_y||^2
-        return self.block_weights * errors.mean(1)
+        return self.block_weights[self.owned.start : self.owned.stop] * errors.mean(1)
 
     def head_loss(self, y: Tensor) -> Tensor:
         """Cross-entropy of the linear head on z_T ~ q(z_T | y), plus the KL term."""
@@ -99,13 +115,15 @@ class NoPropDT(Method):
 
     def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
         blocks = self.block_losses(x, y)
-        head = self.head_loss(y)
-        diagnostics = {f"loss/block_{t}": term.detach() for t, term in enumerate(blocks, 1)}
+        head = self.head_share * self.head_loss(y)
+        diagnostics = {
+            f"loss/block_{t + 1}": term.detach() for t, term in zip(self.owned, blocks, strict=True)
+        }
         diagnostics["loss/head"] = head.detach()
         yield blocks.sum() + head, diagnostics
         # Algorithm 1 updates the head with every block; these steps keep that ratio cheaply.
         for _ in range(self.head_updates - 1):
-            yield self.head_loss(y), {}
+            yield self.head_share * self.head_loss(y), {}
 
     @torch.no_grad()
     def trajectory(

@@ -75,6 +75,7 @@ class NoPropFM(ContinuousTimeMethod):
         z_t = t_z * u_y + (1 - t_z) * z_0
         if self.sigma > 0:
             z_t = z_t + self.sigma * torch.randn(u_y.shape, device=u_y.device)
+        x, y, u_y, t, t_z, z_0, z_t = self.own(x, y, u_y, t, t_z, z_0, z_t)
         v_hat = self.velocity(z_t, self.network.image_features(x), t)
         per_example = per_example_sq_error(v_hat, u_y - z_0)
         loss = per_example.mean()
