@@ -29,6 +29,44 @@ def time_grid(
     return torch.arange(num_steps + 1, device=device, dtype=dtype or torch.float32) / num_steps
 
 
+# Points on which `log_snr_grid` inverts log-SNR(t) (linear interpolation between them).
+_INVERSION_POINTS = 4097
+
+
+def log_snr_grid(
+    alpha_bar: Callable[[Tensor], Tensor],
+    num_steps: int,
+    t_min: float,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """A grid t_0 = 0 < t_1 < ... < t_N = 1 whose inner points are evenly spaced in log-SNR over
+    [log SNR(t_min), log SNR(1 - t_min)] (t_k at the fraction k/N of that range).
+
+    What exponential integrators step in: with t evenly spaced, a cosine or linear schedule
+    crams most of its log-SNR range into the first and last steps. The ends are left out of the
+    range because log-SNR is infinite where alpha_bar is 0 or 1 (cosine at both ends); the grid
+    still starts at the noise (t = 0) and ends at the label (t = 1). log SNR(t) is evaluated on
+    a fine grid and inverted by interpolation, on the device, without a host sync.
+    """
+    time_grid(num_steps)  # the same check of num_steps
+    dtype = dtype or torch.float32
+    fine = torch.linspace(t_min, 1 - t_min, _INVERSION_POINTS, device=device, dtype=dtype)
+    ab = alpha_bar(fine).to(dtype)
+    log_snr = torch.log(ab) - torch.log1p(-ab)
+    fractions = torch.arange(num_steps + 1, device=device, dtype=dtype) / num_steps
+    targets = log_snr[0] + fractions * (log_snr[-1] - log_snr[0])
+    right = torch.searchsorted(log_snr, targets).clamp(1, _INVERSION_POINTS - 1)
+    left = right - 1
+    span = log_snr[right] - log_snr[left]  # 0 where a clamped schedule is flat
+    weight = torch.where(span > 0, (targets - log_snr[left]) / span, 0.0)
+    grid = fine[left] + weight * (fine[right] - fine[left])
+    ends = torch.zeros_like(grid)
+    ends[-1] = 1.0
+    inner = (fractions > 0) & (fractions < 1)
+    return torch.where(inner, grid, ends)
+
+
 def discrete_alpha_bars(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """alpha_bar at t_k = k/num_steps, k = 0..num_steps (length num_steps+1), on the device of
     the schedule's parameters (CPU for the fixed schedules, which have none)."""

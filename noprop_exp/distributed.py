@@ -1,9 +1,10 @@
 """Training on several processes with torch.distributed: block-parallel NoProp-DT, data-parallel
 CT, FM and the baselines. README: "Beyond one process".
 
-`torchrun --nproc-per-node N noprop-train ...` starts N copies of the same command; `join` reads
-the world torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK) and opens the process group: nccl on
-CUDA (one GPU per process), gloo on the CPU. Every process loads the data, seeds torch alike and
+`torchrun --nproc-per-node N noprop-train ...` starts N copies of the same command (so does a
+submitit job of N tasks: `hydra.launcher.tasks_per_node=N`); `join` reads the world they describe
+(WORLD_SIZE, RANK, LOCAL_RANK) and opens the process group: nccl on CUDA (one GPU per process),
+gloo on the CPU. Every process loads the data, seeds torch alike and
 shuffles alike, so all see the same minibatches in the same order.
 
 - **dt, block-parallel** (`BlockParallel`): rank r trains its own share of the T blocks, on the
@@ -99,9 +100,24 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def export_submitit_world() -> None:
+    """In a submitit job of several tasks (`hydra/launcher=slurm` or `slurm_local` with
+    `hydra.launcher.tasks_per_node=N`), each task is one process of the world: set the variables
+    torchrun would have set, from Slurm's (or the local executor's)."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit  # the launchers extra; only a submitit job gets here
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Every GPU stays visible: `join` gives the process GPU LOCAL_RANK itself.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def join(device: torch.device) -> tuple[World, torch.device]:
-    """The world this process was started in and the device it trains on: with torchrun, its
-    process group is opened and a CUDA process takes GPU LOCAL_RANK; without, a world of one."""
+    """The world this process was started in and the device it trains on: with torchrun (or as
+    a task of a submitit job of several), its process group is opened and a CUDA process takes
+    GPU LOCAL_RANK; otherwise a world of one."""
+    export_submitit_world()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), device

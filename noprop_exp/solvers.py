@@ -1,4 +1,7 @@
-"""Samplers that carry z from noise (t = 0) to the label end (t = 1) on the grid t_k = k/N.
+"""Samplers that carry z from noise (t = 0) to the label end (t = 1) on a grid of N steps:
+t_k = k/N (`grid: time`), or evenly spaced in log-SNR (`grid: logsnr`, dpm's default; models
+with a noise schedule only). NoProp-DT's chain keeps its blocks' own t_k = k/T whatever the
+solver's grid.
 
 A model hands a solver its `Dynamics`: a denoiser u_hat(z, t) with the schedule's alpha_bar
 (DT, CT) and/or a velocity v(z, t) (FM, or CT through `diffusion.probability_flow`). Solvers only
@@ -9,6 +12,7 @@ host syncs so long solves stay on the device.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from noprop_exp.diffusion import Field, posterior_coefficients, time_grid
+from noprop_exp.diffusion import Field, log_snr_grid, posterior_coefficients, time_grid
 
 # How each Dynamics field is named in error messages.
 _OFFERINGS = {"velocity": "a velocity", "denoise": "a denoiser", "alpha_bar": "a noise schedule"}
@@ -36,11 +40,37 @@ class Dynamics:
         return all(getattr(self, field) is not None for field in fields)
 
 
+GRIDS = ("time", "logsnr")
+
+
 class Solver:
-    """One step from t to t_next; `requires` lists the Dynamics fields the step uses."""
+    """One step from t to t_next; `requires` lists the Dynamics fields the step uses.
+
+    `grid` spaces a solve's N steps: `time`, t_k = k/N, or `logsnr`, evenly in log-SNR over
+    [log SNR(grid_t_min), log SNR(1 - grid_t_min)] (`diffusion.log_snr_grid`; t_min is ours)."""
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]]
+
+    def __init__(self, grid: str = "time", grid_t_min: float = 1e-4) -> None:
+        if grid not in GRIDS:
+            raise ValueError(f"solver.grid must be one of {list(GRIDS)}, got {grid!r}")
+        if not 0 < grid_t_min < 0.5:
+            raise ValueError(f"solver.grid_t_min must lie in (0, 0.5), got {grid_t_min}")
+        self.grid, self.grid_t_min = grid, grid_t_min
+
+    def time_grid(
+        self, dyn: Dynamics, num_steps: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """t_0 = 0, ..., t_N = 1 of a solve of `num_steps` steps."""
+        if self.grid == "time":
+            return time_grid(num_steps, device, dtype)
+        if dyn.alpha_bar is None:
+            raise ValueError(
+                f"solver.grid=logsnr spaces steps in log-SNR and needs a noise schedule; "
+                f"{dyn.source} has none: use solver.grid=time"
+            )
+        return log_snr_grid(dyn.alpha_bar, num_steps, self.grid_t_min, device, dtype)
 
     def step(
         self,
@@ -73,7 +103,7 @@ class Solver:
         raise ValueError(f"solver '{self.name}' needs {needs}; {dyn.source} {offer}: {advice}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}(grid={self.grid!r})"
 
 
 class PosteriorSolver(Solver):
@@ -84,7 +114,8 @@ class PosteriorSolver(Solver):
     name = "posterior"
     requires = ("denoise", "alpha_bar")
 
-    def __init__(self, deterministic: bool = False) -> None:
+    def __init__(self, deterministic: bool = False, **grid: object) -> None:
+        super().__init__(**grid)
         self.deterministic = deterministic
 
     def step(
@@ -105,7 +136,7 @@ class PosteriorSolver(Solver):
         return z_next + c.clamp_min(0).sqrt() * noise
 
     def __repr__(self) -> str:
-        return f"PosteriorSolver(deterministic={self.deterministic})"
+        return f"PosteriorSolver(deterministic={self.deterministic}, grid={self.grid!r})"
 
 
 class DDIMSolver(Solver):
@@ -151,11 +182,14 @@ class DPMSolver(Solver):
     name = "dpm"
     requires = ("denoise", "alpha_bar")
 
-    def __init__(self) -> None:
+    def __init__(self, grid: str = "logsnr", grid_t_min: float = 1e-4) -> None:
+        super().__init__(grid, grid_t_min)
         self._previous: tuple[Tensor, Tensor] | None = None  # (h, u_hat) of the last step
 
     def fresh(self) -> DPMSolver:
-        return DPMSolver()
+        solver = copy.copy(self)
+        solver._previous = None
+        return solver
 
     def step(
         self,
@@ -239,7 +273,8 @@ def solve(
     each step (k=1..N) so callers can record trajectories."""
     # The grid is built once on z's device (indexing it needs no host sync); at least float32
     # so that k/N stays exact enough for N = 1000 even when z is half precision.
-    grid = time_grid(num_steps, z0.device, torch.promote_types(z0.dtype, torch.float32))
+    dtype = torch.promote_types(z0.dtype, torch.float32)
+    grid = solver.time_grid(dyn, num_steps, z0.device, dtype)
     solver = solver.fresh()
     z = z0
     for k in range(1, num_steps + 1):

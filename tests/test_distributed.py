@@ -20,7 +20,7 @@ from noprop_exp.config import compose
 from noprop_exp.distributed import World, join, leave, parallel_training
 from noprop_exp.resume import ResumeError
 from noprop_exp.train import train_step
-from tests.processes import free_port
+from tests.processes import free_port, multirun, parent_and_children
 
 # Dropout off: its masks are drawn per process, so only without it can steps match exactly.
 EXACT = ["debug=tiny", "backbone.dropout=0", "dataset.train_size=64"]
@@ -186,3 +186,22 @@ def test_torchrun_trains_ct_data_parallel(tracking_uri, tmp_path):
     (run,) = finished_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.params["distributed.mode"] == "data"
     assert run.data.metrics["test_acc"] > 0 and "loss/denoise" in run.data.metrics
+
+
+def test_a_submitit_job_of_two_tasks_is_one_block_parallel_run(tracking_uri, tmp_path):
+    """hydra/launcher=slurm_local (submitit's local executor, Slurm's code path) with
+    tasks_per_node=2: its two tasks are the two processes of one run."""
+    result = multirun(
+        tmp_path,
+        tracking_uri,
+        "hydra/launcher=slurm_local",
+        "hydra.launcher.tasks_per_node=2",
+        *VARIANTS["dt"],
+        "backbone.dropout=0",
+        "seed=0",
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    parent, (child,) = parent_and_children(tracking_uri, order_by="seed")
+    assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert child.data.params["distributed.world_size"] == "2"
+    assert child.data.params["distributed.mode"] == "block"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import statistics
@@ -11,8 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from noprop_exp.assemble import assemble
 from noprop_exp.data import DataSplits
-from noprop_exp.evaluation import accuracy, accuracy_on_split
+from noprop_exp.evaluation import accuracy, accuracy_on_split, predict_labels
 from noprop_exp.solvers import DDIMSolver
 from noprop_exp.variants.base import Method
 
@@ -74,3 +76,34 @@ def test_progress_counts_repeats_times_batches_on_a_terminal_only(stderr, monkey
     shown = stderr.getvalue()
     assert ("12/12" in shown) == isinstance(stderr, Terminal)  # 3 repeats x 4 batches of 64
     assert isinstance(stderr, Terminal) or shown == ""
+
+
+@pytest.mark.parametrize("variant", ["dt", "ct", "fm", "backprop", "adjoint"])
+def test_no_label_reaches_inference_whatever_the_labels_are(tiny_config, variant):
+    """The accuracy is the images' own predictions, made beforehand with no label in reach,
+    counted against the labels: against the true ones, shuffled ones or all zeros alike. An
+    evaluation that drew on the labels in any way (z_0 from q(z_0 | y), a peek at the answer)
+    would predict differently as the labels change."""
+    cfg, _ = tiny_config(f"variant={variant}", "eval.repeats=2", "dataset.test_size=64")
+    parts = assemble(cfg, torch.device("cpu"))
+    method, data, solver = parts.method, parts.data, parts.solver
+    steps = cfg.eval.steps or method.default_steps()
+    predictions = [
+        predict_labels(
+            method,
+            data.test_x,
+            steps,
+            solver,
+            cfg.eval.batch_size,
+            torch.Generator().manual_seed(cfg.eval.seed + repeat),
+        )
+        for repeat in range(cfg.eval.repeats)
+    ]
+    shuffled = data.test_y[
+        torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(1))
+    ]
+    for labels in (data.test_y, shuffled, torch.zeros_like(data.test_y)):
+        shown = dataclasses.replace(data, test_y=labels)
+        got = accuracy_on_split(method, shown, cfg.eval, steps, solver)
+        hits = [100.0 * (p == labels).float().mean().item() for p in predictions]
+        assert got.mean == pytest.approx(statistics.mean(hits))

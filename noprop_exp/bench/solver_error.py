@@ -17,6 +17,7 @@ from torch import Tensor
 from noprop_exp.diffusion import probability_flow
 from noprop_exp.schedules import CosineSchedule, LearnedSchedule, LinearSchedule, NoiseSchedule
 from noprop_exp.solvers import (
+    GRIDS,
     DDIMSolver,
     DPMSolver,
     Dynamics,
@@ -55,13 +56,15 @@ def initial_points(samples: int, classes: int) -> Tensor:
 
 
 def solvers() -> dict[str, Solver]:
-    return {
-        "dpm": DPMSolver(),
-        "ddim": DDIMSolver(),
-        "posterior mean": PosteriorSolver(deterministic=True),
-        "euler": EulerSolver(),
-        "heun": HeunSolver(),
+    """Each solver on each grid: t evenly spaced (`time`) and log-SNR evenly spaced."""
+    kinds = {
+        "dpm": DPMSolver,
+        "ddim": DDIMSolver,
+        "posterior mean": lambda grid: PosteriorSolver(deterministic=True, grid=grid),
+        "euler": EulerSolver,
+        "heun": HeunSolver,
     }
+    return {f"{name}, {grid}": make(grid=grid) for name, make in kinds.items() for grid in GRIDS}
 
 
 def exact_dynamics(schedule: NoiseSchedule, classes: int) -> Dynamics:
