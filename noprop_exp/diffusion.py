@@ -29,8 +29,18 @@ def time_grid(
     return torch.arange(num_steps + 1, device=device, dtype=dtype or torch.float32) / num_steps
 
 
-# Points on which `log_snr_grid` inverts log-SNR(t) (linear interpolation between them).
+# Points on which an increasing function of t is inverted (linear interpolation between them).
 _INVERSION_POINTS = 4097
+
+
+def invert_increasing(fine_t: Tensor, values: Tensor, targets: Tensor) -> Tensor:
+    """t at which a non-decreasing function, known as `values` at `fine_t`, takes each target
+    value (within its range), by linear interpolation; on the device, without a host sync."""
+    right = torch.searchsorted(values, targets.contiguous()).clamp(1, len(values) - 1)
+    left = right - 1
+    span = values[right] - values[left]  # 0 where a clamped schedule is flat
+    weight = torch.where(span > 0, (targets - values[left]) / span, 0.0).clamp(0, 1)
+    return fine_t[left] + weight * (fine_t[right] - fine_t[left])
 
 
 def log_snr_grid(
@@ -55,12 +65,7 @@ def log_snr_grid(
     ab = alpha_bar(fine).to(dtype)
     log_snr = torch.log(ab) - torch.log1p(-ab)
     fractions = torch.arange(num_steps + 1, device=device, dtype=dtype) / num_steps
-    targets = log_snr[0] + fractions * (log_snr[-1] - log_snr[0])
-    right = torch.searchsorted(log_snr, targets).clamp(1, _INVERSION_POINTS - 1)
-    left = right - 1
-    span = log_snr[right] - log_snr[left]  # 0 where a clamped schedule is flat
-    weight = torch.where(span > 0, (targets - log_snr[left]) / span, 0.0)
-    grid = fine[left] + weight * (fine[right] - fine[left])
+    grid = invert_increasing(fine, log_snr, log_snr[0] + fractions * (log_snr[-1] - log_snr[0]))
     ends = torch.zeros_like(grid)
     ends[-1] = 1.0
     inner = (fractions > 0) & (fractions < 1)
@@ -79,10 +84,12 @@ def broadcast_time(t: Tensor, like: Tensor) -> Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-TIME_SAMPLINGS = ("uniform", "stratified")
+TIME_SAMPLINGS = ("uniform", "stratified", "importance")
 
 
-def sample_times(batch: int, mode: str, device: torch.device) -> Tensor:
+def sample_times(
+    batch: int, mode: str, device: torch.device, schedule: NoiseSchedule | None = None
+) -> Tensor:
     """Training times t in [0, 1), one per example (continuous-time variants,
     docs/NOPROP_SPEC.md §3-4).
 
@@ -90,13 +97,29 @@ def sample_times(batch: int, mode: str, device: torch.device) -> Tensor:
     Variational Diffusion Models, t_i = (u + i / B) mod 1 with one u ~ U[0, 1]: each t_i is still
     U[0, 1], so the loss stays unbiased, but a minibatch covers [0, 1] evenly, which lowers the
     variance of its loss when the weight (SNR'(t) in CT) varies by orders of magnitude.
+    `importance`: t drawn with density SNR'(t) / (SNR(1) - SNR(0)) (VDM's importance sampling of
+    the SNR'-weighted loss), which needs the `schedule`; a loss then divides by that density.
     """
     if mode == "uniform":
         return torch.rand(batch, device=device)
     if mode == "stratified":
         offsets = torch.arange(batch, device=device) / batch
         return (torch.rand(1, device=device) + offsets) % 1
+    if mode == "importance":
+        if schedule is None:
+            raise ValueError("variant.method.t_sampling=importance needs a noise schedule")
+        with torch.no_grad():  # where t lies is drawn, not trained
+            fine = torch.linspace(0, 1, _INVERSION_POINTS, device=device)
+            snrs = snr(schedule, fine).float()
+            u = torch.rand(batch, device=device)
+            return invert_increasing(fine, snrs, snrs[0] + u * (snrs[-1] - snrs[0]))
     raise ValueError(f"variant.method.t_sampling must be one of {TIME_SAMPLINGS}, got {mode!r}")
+
+
+def snr_range(schedule: NoiseSchedule, device: torch.device) -> Tensor:
+    """SNR(1) - SNR(0): the integral of SNR' over [0, 1], the normaliser of `importance` t."""
+    ends = snr(schedule, torch.tensor([0.0, 1.0], device=device))
+    return ends[1] - ends[0]
 
 
 def sample_q(u_y: Tensor, alpha_bar: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from noprop_exp import diffusion
 from noprop_exp.assemble import assemble
 from noprop_exp.schedules import LearnedSchedule
 from noprop_exp.solvers import DDIMSolver, EulerSolver, HeunSolver, PosteriorSolver
@@ -177,10 +178,63 @@ def test_learned_schedule_is_exempt_from_weight_decay(tiny_config):
     assert [g["weight_decay"] for g in method.parameter_groups(1e-3)] == [1e-3]
 
 
-def test_diagnostics_report_the_learned_endpoints(tiny_config):
-    learned = build(tiny_config).method.diagnostics()
-    assert learned == pytest.approx({"schedule/gamma_0": -7.0, "schedule/gamma_1": 7.0}, abs=1e-5)
+def test_diagnostics_report_the_learned_endpoints_and_how_far_the_schedule_moved(tiny_config):
+    method = build(tiny_config).method
+    expected = {"schedule/gamma_0": -7.0, "schedule/gamma_1": 7.0, "schedule/log_snr_shift": 0}
+    assert method.diagnostics() == pytest.approx(expected, abs=1e-5)
+    with torch.no_grad():  # gamma_0 and gamma_1 both down by 0.5: log SNR = -gamma up by 0.5
+        method.schedule.gamma_0 -= 0.5
+    assert method.diagnostics()["schedule/log_snr_shift"] == pytest.approx(0.5, abs=1e-4)
     assert build(tiny_config, "noise_schedule=cosine").method.diagnostics() == {}
+
+
+def cosine_snr(t: torch.Tensor) -> torch.Tensor:
+    """SNR of the spec's cosine schedule, written out (delta 0.008, clamped to [1e-4, 0.9999])."""
+    ab = torch.cos((1 - t + 0.008) / 1.008 * (math.pi / 2)).square().clamp(1e-4, 0.9999)
+    return ab / (1 - ab)
+
+
+def test_importance_sampled_t_has_density_snr_prime_and_a_weight_that_undoes_it(tiny_config):
+    overrides = ["noise_schedule=cosine", "variant.method.t_sampling=importance"]
+    method = build(tiny_config, *overrides).method
+    torch.manual_seed(0)
+    t = diffusion.sample_times(40_000, "importance", CPU, method.schedule).double()
+    # The CDF of density SNR'/(SNR(1) - SNR(0)) is (SNR(t) - SNR(0)) / (SNR(1) - SNR(0)).
+    ends = cosine_snr(torch.tensor([0.0, 1.0], dtype=F64))
+    quantiles = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    cdf = (cosine_snr(torch.quantile(t, quantiles)) - ends[0]) / (ends[1] - ends[0])
+    torch.testing.assert_close(cdf, quantiles, rtol=0, atol=0.01)
+    # The weight divides SNR' by that density: the SNR range, whatever t, so that
+    # E_t~p[weight(t) f(t)] is the paper's E_t~U[SNR'(t) f(t)].
+    weights = method.weight(t[:100].float())
+    expected = torch.full_like(weights, float(ends[1] - ends[0]))  # float32 SNR(1): to 1e-3
+    torch.testing.assert_close(weights, expected, rtol=1e-3, atol=0)
+    uniform = build(tiny_config, "variant.method.loss_weight=uniform").method
+    assert torch.equal(uniform.weight(t[:5].float()), torch.ones(5))
+
+
+def norm(parameters) -> float:
+    return torch.cat([p.grad.flatten() for p in parameters if p.grad is not None]).norm().item()
+
+
+def test_gradient_norms_of_each_loss_term(tiny_config):
+    """With a fixed schedule and one-hot W, the denoising term reaches the network only and the
+    head term the head only: each logged norm is then that part's gradient norm after one
+    backward pass of the whole loss."""
+    parts = build(tiny_config, "variant.method.grad_norms=true", "noise_schedule=cosine")
+    method, data = parts.method, parts.data
+    loss, diagnostics = next(method.update_losses(data.train_x[:32], data.train_y[:32]))
+    loss.backward()
+    assert diagnostics["grad_norm/denoise"].item() == pytest.approx(
+        norm(method.network.parameters()), rel=1e-4
+    )
+    assert diagnostics["grad_norm/head"].item() == pytest.approx(
+        norm(method.head.parameters()), rel=1e-4
+    )
+    assert "grad_norm/denoise_schedule" not in diagnostics  # nothing to train in a fixed one
+    learned = build(tiny_config, "variant.method.grad_norms=true").method
+    _, diagnostics = next(learned.update_losses(data.train_x[:32], data.train_y[:32]))
+    assert 0 < diagnostics["grad_norm/denoise_schedule"] <= diagnostics["grad_norm/denoise"]
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s.name)
@@ -217,6 +271,7 @@ def test_bad_settings_fail_with_the_key_to_fix(tiny_config):
         ("variant.method.t_sampling=sobol", "t_sampling"),
         ("variant.method.head_updates=0", "head_updates"),
         ("variant.method.loss_bins=0", "loss_bins"),
+        ("variant.method.loss_weight=elbo", "loss_weight"),
     ]:
         with pytest.raises(ValueError, match=message):
             build(tiny_config, override)
