@@ -322,3 +322,41 @@ def test_report_of_an_experiment_holding_a_sweeps_parent_run(tmp_path, tracking_
     dt = cell(report.tables["table1"], "dt", "onehot", "mnist")
     assert dt.test_acc == pytest.approx(92.5)  # the seeds' last test_acc: 92 and 93
     assert "figure3" in report.figures
+
+
+def test_a_sweep_over_training_settings_gets_a_study_table_chosen_on_val_acc(
+    tmp_path, tracking_uri
+):
+    """A parent that varied eta (and seeds): a row per eta, seeds pooled, by val_acc; the
+    steadiness is the largest fall below the best so far from epoch 2 on, the worst seed's."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("study")
+    parent = client.create_run(experiment, tags={"sweep": "study"}).info.run_id
+    client.log_param(parent, "variant.method.eta", "0.5,1.0")
+    client.log_param(parent, "seed", "0,1")
+    client.set_terminated(parent)
+    curves = {("0.5", 0): [60, 80, 70], ("0.5", 1): [62, 81, 79], ("1.0", 0): [50, 85, 90]}
+    curves[("1.0", 1)] = [55, 86, 92]
+    for (eta, seed), curve in curves.items():
+        tags = {"mlflow.parentRunId": parent, "variant": "ct", "embedding": "onehot"}
+        child = client.create_run(experiment, tags={**tags, "dataset": "mnist"}).info.run_id
+        client.log_param(child, "seed", str(seed))
+        client.log_param(child, "variant.method.eta", eta)
+        for epoch, value in enumerate(curve, 1):
+            client.log_metric(child, "val_acc", value, step=epoch)
+            client.log_metric(child, "test_acc", value - 1, step=epoch)
+            client.log_metric(child, "train_time_s", 10.0 * epoch, step=epoch)
+        client.log_metric(child, "grad_norm/denoise", 2.0 if eta == "0.5" else 4.0, step=3)
+        client.set_terminated(child)
+    report = report_from_mlflow(tracking_uri, tmp_path / "out", parent_runs=[parent])
+    study = report.tables["study"]
+    assert list(study["variant.method.eta"]) == ["1.0", "0.5"]  # best val_acc first
+    steady, falling = study.iloc[0], study.iloc[1]
+    assert steady.val_acc == pytest.approx(91.0) and steady.largest_drop == 0
+    assert steady.val_acc_se == pytest.approx(np.std([90, 92], ddof=1) / math.sqrt(2))
+    assert falling.largest_drop == pytest.approx(10.0)  # seed 0: 80, then 70
+    assert falling.val_by_epoch == "61.0 / 80.5 / 74.5"
+    assert (steady.test_acc, steady["grad_norm/denoise"]) == (pytest.approx(90.0), 4.0)
+    assert (tmp_path / "out" / "study.md").read_text().startswith("| variant.method.eta | seeds |")
+    assert (tmp_path / "out" / "study.png").is_file()
+    assert len(report.figures["study"].axes[0].get_legend().get_texts()) == 2

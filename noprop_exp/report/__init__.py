@@ -14,6 +14,9 @@ experiments, or those an MLflow filter selects, into pandas, and writes to `--ou
   dataset, one-hot, mean over seeds, beside the paper's.
 - `steps.png/.pdf`, `steps.md/.csv/.tex` when runs logged `test_acc_steps/N` (eval.steps_sweep):
   accuracy against the number of inference steps, mean +- s.e. over seeds.
+- `study.md/.csv/.tex`, `study.png` for a sweep over training settings (any swept key but
+  seeds, presets and groups; `sweeps/ct_study.yaml`): a row per setting, seeds pooled, by
+  validation accuracy, steadiness and gradient norms, test accuracy beside (`study.py`);
 - `runs.csv`: the runs used, one row each, with their setting; `runs_left_out.csv`: the runs
   of other settings (below), when there are any. The command prints both, cell by cell.
 
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
 
 from noprop_exp.cli import UserError, add_tracking_uri, describe, find_run, open_store, run_command
 from noprop_exp.paper import FIGURE3_EMBEDDING
@@ -53,6 +57,14 @@ from noprop_exp.report.runs import (
     find_sweep,
     search_runs,
     tidy_runs,
+)
+from noprop_exp.report.study import CAPTION as STUDY_CAPTION
+from noprop_exp.report.study import (
+    by_setting,
+    study_figure,
+    study_table,
+    swept_settings,
+    wide_study,
 )
 from noprop_exp.report.tables import (
     MISSING,
@@ -86,6 +98,7 @@ TABLE_CAPTIONS = {
     f"paper: Table 2. {MISSING}: no finished run on CUDA (CPU runs log no memory).",
     "steps": f"Test accuracy (%) against inference steps, mean ± s.e. over seeds. {MISSING}: "
     "not evaluated.",
+    "study": STUDY_CAPTION,
 }
 
 
@@ -107,7 +120,7 @@ def build_report(runs: pd.DataFrame, histories: pd.DataFrame) -> Report:
 
 def write_report(report: Report, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    wide = {"table1": wide_table1, "table2": wide_table2, "steps": wide_steps}
+    wide = {"table1": wide_table1, "table2": wide_table2, "steps": wide_steps, "study": wide_study}
     files = [out / "runs.csv"]
     report.runs.to_csv(files[0], index=False)
     if not report.left_out.empty:
@@ -152,6 +165,7 @@ def report_from_mlflow(
     onehot = runs.run_id[runs.embedding == FIGURE3_EMBEDDING]
     report = build_report(runs, accuracy_histories(client, onehot))
     report.left_out = left_out
+    add_study(report, client, tracking_uri, parents)
     print(runs_used(runs, left_out))
     write_report(report, out)
     for parent in parents:
@@ -161,6 +175,18 @@ def report_from_mlflow(
     if parents:
         print("logged under report/ of the parent run(s) " + ", ".join(parents))
     return report
+
+
+def add_study(report: Report, client: MlflowClient, tracking_uri: str, parents: list[str]) -> None:
+    """The study table and figure of the one parent run whose sweep varied training settings."""
+    for parent in parents:
+        keys = swept_settings(client.get_run(parent).data.params)
+        if keys:
+            groups = by_setting(search_runs(tracking_uri, parent_runs=[parent]), keys, client)
+            report.tables["study"] = study_table(groups, keys)
+            report.figures["study"] = study_figure(groups, keys)
+            print(markdown(wide_study(report.tables["study"])))
+            return
 
 
 def runs_used(runs: pd.DataFrame, left_out: pd.DataFrame) -> str:
