@@ -121,10 +121,15 @@ def accuracy_on_split(
 
 
 def load_logged_run(
-    run_id: str, tracking_uri: str, device: torch.device, data_root: str | None = None
+    run_id: str,
+    tracking_uri: str,
+    device: torch.device,
+    data_root: str | None = None,
+    test_size: int | None = None,
 ) -> tuple[DictConfig, Assembled]:
     """Re-build a logged run's data, method and solver from its config.yaml and weights; a
-    missing store, run or weights is a UserError that says what to do."""
+    missing store, run or weights is a UserError that says what to do. `test_size` loads that
+    many test images only (e.g. for 1000-step sweeps of several solvers)."""
     client = open_store(tracking_uri)
     run_with_weights(client, run_id)
     with tempfile.TemporaryDirectory() as folder:
@@ -132,6 +137,8 @@ def load_logged_run(
         weights = client.download_artifacts(run_id, WEIGHTS, folder)
         if data_root is not None and "root" in cfg.dataset:
             cfg.dataset.root = data_root
+        if test_size is not None:
+            cfg.dataset.test_size = test_size
         torch.manual_seed(cfg.seed)  # the same initial embedding draw as in training
         assembled = assemble(cfg, device)
         assembled.method.load_state_dict(torch.load(weights, map_location=device))
@@ -172,13 +179,17 @@ def add_logged_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_tracking_uri(parser)
     parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        help="a seeded random N of the test images only (default: all the run used)",
+    )
 
 
 def load_named_run(args: argparse.Namespace) -> tuple[DictConfig, Assembled]:
     """`load_logged_run` for the arguments of `add_logged_run_arguments`."""
-    return load_logged_run(
-        args.run_id, args.tracking_uri, resolve_device(args.device), args.data_root
-    )
+    device = resolve_device(args.device)
+    return load_logged_run(args.run_id, args.tracking_uri, device, args.data_root, args.test_size)
 
 
 def main(argv: list[str] | None = None) -> None:

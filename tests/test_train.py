@@ -213,6 +213,8 @@ def test_a_validation_split_is_evaluated_logged_and_reproduced_by_noprop_eval(
     printed = capsys.readouterr().out
     assert f"val accuracy {metrics['val_acc']:.2f}% +- 0.00 (1 inference runs" in printed
     assert "40 images" in printed
+    evaluate_main([*logged_run, "--test-size", "16"])  # a subset, for long step sweeps
+    assert "16 images" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
