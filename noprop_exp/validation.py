@@ -70,6 +70,9 @@ def out_of_range(cfg: DictConfig) -> Iterator[str]:
             yield f"eval.steps_sweep holds {n}: step counts must be >= 1"
     if cfg.eval.steps is not None and cfg.eval.steps < 1:
         yield f"eval.steps={cfg.eval.steps} cannot work: use null (the variant's own) or >= 1"
+    shown = cfg.eval.picture_images
+    if shown is not None and shown < 1:
+        yield f"eval.picture_images={shown} cannot work: use null (every test image) or >= 1"
 
 
 def check_run_config(cfg: DictConfig) -> None:

@@ -34,6 +34,10 @@ def test_a_key_forced_in_with_plus_is_refused_with_the_close_match() -> None:
         ("train.epochs=0", "train.epochs=0 cannot work: it must be >= 1"),
         ("train.batch_size=-5", "train.batch_size=-5 cannot work: it must be >= 1"),
         ("eval.steps=0", "eval.steps=0 cannot work: use null (the variant's own) or >= 1"),
+        (
+            "eval.picture_images=0",
+            "eval.picture_images=0 cannot work: use null (every test image) or >= 1",
+        ),
         ("eval.steps_sweep=[10,0]", "eval.steps_sweep holds 0: step counts must be >= 1"),
     ],
 )

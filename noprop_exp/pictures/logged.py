@@ -88,15 +88,20 @@ def make_pictures(cfg: DictConfig, run: Assembled, step_sweep: dict[str, list[di
     seed = cfg.eval.seed
     pictures = Pictures()
 
-    result = step_accuracy(
-        method, data.test_x, data.test_y, steps, solver, cfg.eval.batch_size, seed
-    )
+    test_x, test_y = data.test_x[: cfg.eval.picture_images], data.test_y[: cfg.eval.picture_images]
+    result = step_accuracy(method, test_x, test_y, steps, solver, cfg.eval.batch_size, seed)
+    by_step_notes = []
+    if len(test_y) < len(data.test_y):
+        by_step_notes.append(
+            f"on the first {len(test_y):,} of {len(data.test_y):,} test images "
+            "(eval.picture_images)"
+        )
     shown = shown_steps(steps)
     pictures.metrics = result.metrics(shown)
 
-    index = pick(GRID_ROWS * GRID_COLUMNS, len(data.test_y), seed)
+    index = pick(GRID_ROWS * GRID_COLUMNS, len(test_y), seed)
     pictures.figures["predictions"] = prediction_grid(
-        data.test_x[index], data.test_y[index], result.predictions[index], title
+        test_x[index], test_y[index], result.predictions[index], title
     )
 
     index = pick(TRAJECTORY_IMAGES, len(data.test_y), seed + 1)
@@ -111,10 +116,12 @@ def make_pictures(cfg: DictConfig, run: Assembled, step_sweep: dict[str, list[di
         result, data.num_classes, method.step_unit, title
     )
     if not result.has_block_checks:
-        pictures.notes["accuracy_by_step"] = (
+        by_step_notes.append(
             f"per-block diagnostics and the last block on pure noise apply to dt only "
             f"(this run: {method.name})"
         )
+    if by_step_notes:
+        pictures.notes["accuracy_by_step"] = "; ".join(by_step_notes)
 
     if step_sweep:
         pictures.figures["accuracy_vs_steps"] = accuracy_vs_steps_figure(step_sweep, title)
