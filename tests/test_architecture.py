@@ -3,10 +3,11 @@ widths, dropout, and where batch norm is (DT) and is not (CT/FM)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from noprop_exp.models.backbones import PaperCNN
+from noprop_exp.models.backbones import PaperCNN, ResNet
 from noprop_exp.models.ct_net import CTNetwork
 from noprop_exp.models.dt_block import DTBlock
 
@@ -77,3 +78,18 @@ def test_ct_network_is_figure_6_without_batch_norm():
     )
     assert network.time_branch[0].in_features == 64  # the sinusoidal embedding's width
     assert network.head[0].in_features == 3 * 256
+
+
+@pytest.mark.parametrize(("stem", "side"), [("small", 28), ("imagenet", 7)])
+def test_resnet_stems_small_keeps_the_image_size_imagenet_is_torchvisions(stem, side):
+    """backbone.stem: the first residual stage sees 28x28 maps (small) or 7x7 (torchvision's
+    7x7 stride-2 conv and 3x3 stride-2 max-pool)."""
+    net = ResNet((1, 28, 28), depth=18, stem=stem)
+    seen = []
+    net.net.layer1.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape))
+    net.eval()
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 256)
+    assert seen == [(2, 64, side, side)]
+    assert net.net.conv1.kernel_size == ((7, 7) if stem == "imagenet" else (3, 3))
+    with pytest.raises(ValueError, match=r"backbone\.stem=.cifar. is not one of"):
+        ResNet((1, 28, 28), stem="cifar")
