@@ -373,6 +373,15 @@ def test_ct_defaults_and_paper_presets(compose_config):
             )
 
 
+def test_the_recipe_preset_is_the_paper_preset_with_uniformly_weighted_t(compose_config):
+    paper, _ = compose_config(["experiment=paper/mnist_ct"])
+    recipe, choices = compose_config(["experiment=recipe/mnist_ct"])
+    assert paper.variant.method.loss_weight == "snr_prime"  # the paper presets stay faithful
+    assert recipe.variant.method.loss_weight == "uniform"
+    recipe.variant.method.loss_weight = "snr_prime"
+    assert recipe == paper and choices["experiment"] == "recipe/mnist_ct"
+
+
 @pytest.mark.slow
 @pytest.mark.needs_mnist
 def test_ct_learns_real_mnist(tiny_config, capsys):
