@@ -359,4 +359,4 @@ def test_a_sweep_over_training_settings_gets_a_study_table_chosen_on_val_acc(
     assert (steady.test_acc, steady["grad_norm/denoise"]) == (pytest.approx(90.0), 4.0)
     assert (tmp_path / "out" / "study.md").read_text().startswith("| variant.method.eta | seeds |")
     assert (tmp_path / "out" / "study.png").is_file()
-    assert len(report.figures["study"].axes[0].get_legend().get_texts()) == 2
+    assert len(report.figures["study"].legends[0].get_texts()) == 2

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
 # What a paper sweep varies to make its runs (presets, groups): not settings of a study.
@@ -91,7 +92,7 @@ def study_table(groups: list[Setting], keys: Sequence[str]) -> pd.DataFrame:
 
 def study_figure(groups: list[Setting], keys: Sequence[str]) -> Figure:
     """val_acc against epoch, one line per setting (mean over seeds), the seeds as thin lines."""
-    figure = Figure(figsize=(7.5, 4.2), layout="constrained")
+    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     for index, (setting, _, curves) in enumerate(groups):
@@ -102,9 +103,10 @@ def study_figure(groups: list[Setting], keys: Sequence[str]) -> Figure:
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(keys, setting, strict=True))
         ax.plot(range(1, len(mean) + 1), mean, color=colour, marker="o", lw=1.8, label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower right")
+    figure.legend(fontsize="small", loc="outside lower center", ncols=2, frameon=False)
     figure.suptitle("Validation accuracy per setting: mean over seeds (thin: each seed)", wrap=True)
     return figure
 
