@@ -6,6 +6,7 @@ line or two on stderr with exit code 2 instead of a traceback (`--debug` shows t
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,9 @@ def run_command(
         "--debug", action="store_true", help="on an error, show the full Python traceback"
     )
     args = parser.parse_args(argv)
+    # The timed lines of long steps (console.timed) reach the screen, as under noprop-train.
+    if not logging.getLogger().hasHandlers():
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return body(args)
     except UserError as error:

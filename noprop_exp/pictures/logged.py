@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from noprop_exp.assemble import Assembled
+from noprop_exp.console import timed
 from noprop_exp.evaluation import accuracy_on_split
 from noprop_exp.pictures.figures import (
     GRID_COLUMNS,
@@ -71,10 +72,13 @@ def evaluated_step_sweep(
 ) -> dict[str, list[dict]]:
     """Accuracy of the loaded model at each step count with each solver."""
     lines = {}
+    images = len(run.data.test_y)
     for solver in solvers:
         rows = []
         for n in step_counts:
-            result = accuracy_on_split(run.method, run.data, cfg.eval, n, solver)
+            with timed(f"{solver_label(solver)}: {images:,} test images at {n} steps"):
+                result = accuracy_on_split(run.method, run.data, cfg.eval, n, solver, progress=True)
+            log.info("%s at %d steps: test_acc %.2f%%", solver_label(solver), n, result.mean)
             rows.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
         lines[solver_label(solver)] = rows
     return lines
