@@ -134,7 +134,8 @@ class SweepParentRun(Callback):
 
     def end_if_open(self) -> None:
         """The atexit hook: the sweep raised (a failed job, a launcher error, Ctrl-C) before
-        `on_multirun_end`, so end the parent FAILED."""
+        `on_multirun_end`, so end the parent: KILLED when a signal stopped one of its jobs
+        (that job's run is KILLED) and none failed, else FAILED."""
         self._end(all_returned=False)
 
     def _end(self, all_returned: bool) -> None:
@@ -151,18 +152,30 @@ class SweepParentRun(Callback):
             if outcome.startswith("FAILED")
         ]
         summary = f"{len(outcomes)} jobs returned, {len(failed)} failed"
-        if not all_returned and not failed:
+        stopped = not all_returned and not failed and self._a_job_was_stopped(client)
+        if stopped:
+            summary += "; a signal stopped the sweep (continue it with train.resume=auto)"
+        elif not all_returned and not failed:
             summary += "; the sweep stopped early (Ctrl-C or a launcher error: see its log)"
         note = summary + "".join(f"\n- {line}" for line in failed)
         client.set_tag(self.parent_run_id, "mlflow.note.content", note)
         if failed:
             client.set_tag(self.parent_run_id, "failed_jobs", "; ".join(failed)[:7000])
         ok = all_returned and not failed
-        client.set_terminated(
-            self.parent_run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        )
+        status = RunStatus.FINISHED if ok else RunStatus.KILLED if stopped else RunStatus.FAILED
+        client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
         (log.info if ok else log.error)("MLflow parent run %s: %s", self.parent_run_id, note)
         self.parent_run_id = None
+
+    def _a_job_was_stopped(self, client: MlflowClient) -> bool:
+        """Whether a child run ended KILLED: a signal (SIGTERM, Ctrl-C) stopped its job."""
+        experiment = client.get_run(self.parent_run_id).info.experiment_id
+        killed = client.search_runs(
+            [experiment],
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and attributes.status = 'KILLED'",
+            max_results=1,
+        )
+        return bool(killed)
 
     # ---- wherever a job runs --------------------------------------------------------------
 

@@ -143,6 +143,28 @@ def test_a_sweep_stopped_before_its_end_fails_its_parent(tmp_path, store):
     assert "stopped early" in parent.data.tags["mlflow.note.content"]
 
 
+def test_a_sweep_whose_job_a_signal_stopped_ends_its_parent_killed(tmp_path, store):
+    """Ctrl-C during a job: the job's run ends KILLED (lifecycle.py), and so does the parent."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose(
+            "config",
+            [f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path}"],
+            return_hydra_config=True,
+        )
+    callback = SweepParentRun()
+    callback.on_multirun_start(config)
+    parent_id = callback.parent_run_id
+    atexit.unregister(callback.end_if_open)  # this test calls it itself
+    client = MlflowClient(store)
+    experiment = client.get_run(parent_id).info.experiment_id
+    job = client.create_run(experiment, tags={"mlflow.parentRunId": parent_id}).info.run_id
+    client.set_terminated(job, "KILLED")
+    callback.end_if_open()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED" and parent.info.end_time is not None
+    assert "a signal stopped the sweep" in parent.data.tags["mlflow.note.content"]
+
+
 def test_sweep_overrides_take_the_sweep_file_then_the_command_line():
     with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
         config = GlobalHydra.instance().hydra.compose_config(
