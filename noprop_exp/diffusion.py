@@ -29,6 +29,11 @@ def time_grid(
     return torch.arange(num_steps + 1, device=device, dtype=dtype or torch.float32) / num_steps
 
 
+def log_snr(alpha_bar: Tensor) -> Tensor:
+    """log SNR = log(alpha_bar / (1 - alpha_bar)), from alpha_bar (any schedule)."""
+    return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+
 # Points on which an increasing function of t is inverted (linear interpolation between them).
 _INVERSION_POINTS = 4097
 
@@ -62,10 +67,9 @@ def log_snr_grid(
     time_grid(num_steps)  # the same check of num_steps
     dtype = dtype or torch.float32
     fine = torch.linspace(t_min, 1 - t_min, _INVERSION_POINTS, device=device, dtype=dtype)
-    ab = alpha_bar(fine).to(dtype)
-    log_snr = torch.log(ab) - torch.log1p(-ab)
+    values = log_snr(alpha_bar(fine).to(dtype))
     fractions = torch.arange(num_steps + 1, device=device, dtype=dtype) / num_steps
-    grid = invert_increasing(fine, log_snr, log_snr[0] + fractions * (log_snr[-1] - log_snr[0]))
+    grid = invert_increasing(fine, values, values[0] + fractions * (values[-1] - values[0]))
     ends = torch.zeros_like(grid)
     ends[-1] = 1.0
     inner = (fractions > 0) & (fractions < 1)

@@ -146,6 +146,14 @@ def sum_gradients(parameters: Iterable[nn.Parameter]) -> None:
         grad.copy_(summed.view_as(grad))
 
 
+def summed_over_ranks(world: World, sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each name's sum over the ranks that logged it (a DT block's terms: its owner only)."""
+    every = world.gather({k: v.cpu() for k, v in sums.items()})
+    device = next(iter(sums.values())).device
+    names = dict.fromkeys(k for ranks_sums in every for k in ranks_sums)
+    return {k: sum(r[k] for r in every if k in r).to(device) for k in names}
+
+
 class SingleProcess:
     """One process: nothing to split, share or gather."""
 
@@ -190,9 +198,7 @@ class DataParallel(SingleProcess):
 
     def epoch_sums(self, sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The ranks' mean: each rank's sums are of means over its share of each minibatch."""
-        every = self.world.gather({k: v.cpu() for k, v in sums.items()})
-        device = next(iter(sums.values())).device
-        return {k: (sum(s[k] for s in every) / len(every)).to(device) for k in sums}
+        return {k: v / self.world.size for k, v in summed_over_ranks(self.world, sums).items()}
 
 
 class BlockParallel(SingleProcess):
@@ -223,10 +229,7 @@ class BlockParallel(SingleProcess):
 
     def epoch_sums(self, sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The ranks' sum: each logs its own blocks' terms and 1/N of the head loss."""
-        every = self.world.gather({k: v.cpu() for k, v in sums.items()})
-        device = next(iter(sums.values())).device
-        names = dict.fromkeys(k for s in every for k in s)  # block terms exist on one rank each
-        return {k: sum(s[k] for s in every if k in s).to(device) for k in names}
+        return summed_over_ranks(self.world, sums)
 
 
 def parallel_training(world: World, method: Method) -> SingleProcess:

@@ -20,7 +20,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from noprop_exp.diffusion import Field, log_snr_grid, posterior_coefficients, time_grid
+from noprop_exp.diffusion import (
+    Field,
+    log_snr,
+    log_snr_grid,
+    posterior_coefficients,
+    time_grid,
+)
 
 # How each Dynamics field is named in error messages.
 _OFFERINGS = {"velocity": "a velocity", "denoise": "a denoiser", "alpha_bar": "a noise schedule"}
@@ -163,7 +169,7 @@ class DDIMSolver(Solver):
 
 def _half_log_snr(alpha_bar: Tensor) -> Tensor:
     """lambda = log(alpha / sigma) with alpha = sqrt(ab), sigma = sqrt(1 - ab)."""
-    return 0.5 * (alpha_bar.log() - torch.log1p(-alpha_bar))
+    return 0.5 * log_snr(alpha_bar)
 
 
 class DPMSolver(Solver):

@@ -41,6 +41,7 @@ from noprop_exp.config import (  # importing registers the schema
 from noprop_exp.console import announce, summary_line, timed
 from noprop_exp.data import DataSplits, minibatches
 from noprop_exp.distributed import (
+    ONE_PROCESS,
     WORLD_SIZE_PARAM,
     SingleProcess,
     World,
@@ -100,7 +101,7 @@ def train_step(
     torch.autocast's documentation recommends. Nothing here waits for the device. With several
     processes, `parallel` gives each its share and sums the gradients before each step.
     """
-    parallel = parallel or SingleProcess(None, method)
+    parallel = parallel or SingleProcess(ONE_PROCESS, method)
     parallel.begin_minibatch(len(y))
     losses = method.update_losses(x, y)
     main = None
@@ -201,9 +202,8 @@ def train(
             tracked_run(cfg, choices, plan.tags, plan.run_id) if world.is_main else untracked()
         ) as tracker,
         stop_on_signals() as stop,
-        logging_redirect_tqdm(),
+        logging_redirect_tqdm(),  # log lines print above the progress bar, not through it
     ):
-        # (logging_redirect_tqdm: log lines print above the progress bar, not through it)
         if world.is_main:
             log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
         tracker.log_params(epoch_meaning(data, batches_per_epoch, method))

@@ -125,8 +125,8 @@ def test_the_callback_makes_jobs_children_only_while_they_run(tmp_path, store, o
     assert "mlflow.parentRunId" not in outside.data.tags
 
 
-def test_a_sweep_stopped_before_its_end_fails_its_parent(tmp_path, store):
-    """Ctrl-C or a launcher error: Hydra never calls on_multirun_end; the atexit hook ends it."""
+def started_sweep(tmp_path, store) -> SweepParentRun:
+    """A sweep's callback after on_multirun_start, its atexit hook left to the test to call."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = compose(
             "config",
@@ -135,8 +135,14 @@ def test_a_sweep_stopped_before_its_end_fails_its_parent(tmp_path, store):
         )
     callback = SweepParentRun()
     callback.on_multirun_start(config)
+    atexit.unregister(callback.end_if_open)
+    return callback
+
+
+def test_a_sweep_stopped_before_its_end_fails_its_parent(tmp_path, store):
+    """Ctrl-C or a launcher error: Hydra never calls on_multirun_end; the atexit hook ends it."""
+    callback = started_sweep(tmp_path, store)
     parent_id = callback.parent_run_id
-    atexit.unregister(callback.end_if_open)  # this test calls it itself
     callback.end_if_open()
     parent = MlflowClient(store).get_run(parent_id)
     assert parent.info.status == "FAILED" and parent.info.end_time is not None
@@ -145,16 +151,8 @@ def test_a_sweep_stopped_before_its_end_fails_its_parent(tmp_path, store):
 
 def test_a_sweep_whose_job_a_signal_stopped_ends_its_parent_killed(tmp_path, store):
     """Ctrl-C during a job: the job's run ends KILLED (lifecycle.py), and so does the parent."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = compose(
-            "config",
-            [f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path}"],
-            return_hydra_config=True,
-        )
-    callback = SweepParentRun()
-    callback.on_multirun_start(config)
+    callback = started_sweep(tmp_path, store)
     parent_id = callback.parent_run_id
-    atexit.unregister(callback.end_if_open)  # this test calls it itself
     client = MlflowClient(store)
     experiment = client.get_run(parent_id).info.experiment_id
     job = client.create_run(experiment, tags={"mlflow.parentRunId": parent_id}).info.run_id
