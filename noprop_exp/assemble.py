@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
 from noprop_exp.data import DataSplits
 from noprop_exp.solvers import Solver
@@ -29,14 +30,24 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def assemble(cfg: DictConfig, device: torch.device) -> Assembled:
-    data = instantiate(cfg.dataset)(device=device)
-    parts = Parts(
+def make_parts(cfg: DictConfig, data: DataSplits) -> Parts:
+    """Fresh building blocks of a method (each call its own schedule and embedding)."""
+    return Parts(
         backbone=instantiate(cfg.backbone),
         schedule=instantiate(cfg.noise_schedule),
         embedding=instantiate(cfg.embedding)(data),
         image_shape=data.image_shape,
         num_classes=data.num_classes,
     )
-    method = instantiate(cfg.variant.method)(parts).to(device)
+
+
+def assemble(cfg: DictConfig, device: torch.device) -> Assembled:
+    data = instantiate(cfg.dataset)(device=device)
+    method = instantiate(cfg.variant.method)(make_parts(cfg, data)).to(device)
+    if cfg.train.get("channels_last", False):  # absent from runs logged before it existed
+        # Each convolution's weight in NHWC makes it return NHWC activations whatever x's
+        # layout. (DT's fused stack keeps its 5-d weights as they are.)
+        for module in method.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
     return Assembled(data, method, instantiate(cfg.solver))

@@ -30,6 +30,8 @@ from noprop_exp.cli import (
 )
 from noprop_exp.config import CONF_DIR
 from noprop_exp.data import DataSplits
+from noprop_exp.pictures.measures import StepAccuracy, step_accuracy
+from noprop_exp.precision import autocast
 from noprop_exp.solvers import Solver
 from noprop_exp.variants.base import Method
 
@@ -38,6 +40,8 @@ from noprop_exp.variants.base import Method
 class Accuracy:
     mean: float  # percent
     se: float  # standard error over inference repeats, percent (0 for a single repeat)
+    # With `by_step=True`: the first repeat read out at every step, for the pictures.
+    by_step: StepAccuracy | None = None
 
 
 @torch.no_grad()
@@ -70,10 +74,17 @@ def accuracy(
     repeats: int = 1,
     seed: int = 1234,
     progress: bool = False,
+    by_step: bool = False,
+    check_images: int | None = None,
 ) -> Accuracy:
     """Accuracy (%) on the whole of (images, labels), mean and s.e. over stochastic repeats;
-    with `progress`, a bar over repeats x batches on stderr when it is a terminal."""
-    scores = []
+    with `progress`, a bar over repeats x batches on stderr when it is a terminal.
+
+    `by_step`: the first repeat runs as `step_accuracy` (the same draws, so the same
+    predictions), read out at every step, with the method's checks on `check_images` images;
+    the pictures then need no inference of their own.
+    """
+    scores, steps_result = [], None
     total = repeats * math.ceil(len(images) / batch_size)
     # disable=None: tqdm switches itself off when stderr is no terminal (logs, CI, pipes).
     with tqdm(
@@ -84,14 +95,23 @@ def accuracy(
         disable=None if progress else True,
     ) as bar:
         for repeat in range(repeats):
-            generator = torch.Generator(device=images.device).manual_seed(seed + repeat)
-            predicted = predict_labels(method, images, steps, solver, batch_size, generator, bar)
+            if by_step and repeat == 0:
+                steps_result = step_accuracy(
+                    method, images, labels, steps, solver, batch_size, seed, check_images
+                )
+                predicted = steps_result.predictions
+                bar.update(math.ceil(len(images) / batch_size))
+            else:
+                generator = torch.Generator(device=images.device).manual_seed(seed + repeat)
+                predicted = predict_labels(
+                    method, images, steps, solver, batch_size, generator, bar
+                )
             scores.append(100.0 * (predicted == labels).float().mean().item())
     mean = sum(scores) / repeats
     if repeats == 1:
-        return Accuracy(mean, 0.0)
+        return Accuracy(mean, 0.0, steps_result)
     variance = sum((s - mean) ** 2 for s in scores) / (repeats - 1)
-    return Accuracy(mean, math.sqrt(variance / repeats))
+    return Accuracy(mean, math.sqrt(variance / repeats), steps_result)
 
 
 def accuracy_on_split(
@@ -102,10 +122,11 @@ def accuracy_on_split(
     solver: Solver,
     progress: bool = False,
     split: str = "test",
+    by_step: bool = False,
 ) -> Accuracy:
     """Accuracy on the test (or `split="val"`, validation) split with `steps` steps of `solver`,
     in batches of `eval_cfg.batch_size`, over `eval_cfg.repeats` inference runs seeded from
-    `eval_cfg.seed`."""
+    `eval_cfg.seed`; `by_step` as in `accuracy`, checks on `eval_cfg.picture_images` images."""
     images, labels = data.split(split)
     return accuracy(
         method,
@@ -117,6 +138,8 @@ def accuracy_on_split(
         eval_cfg.repeats,
         eval_cfg.seed,
         progress,
+        by_step,
+        eval_cfg.picture_images if by_step else None,
     )
 
 
@@ -160,9 +183,10 @@ def evaluate(args: argparse.Namespace) -> None:
     steps = args.steps or cfg.eval.steps or run.method.default_steps()
     cfg.eval.repeats, cfg.eval.seed = args.repeats, args.seed  # the command's, not the run's
     try:
-        result = accuracy_on_split(
-            run.method, run.data, cfg.eval, steps, solver, progress=True, split=args.split
-        )
+        with autocast(cfg.train.precision, run.data.test_x.device):  # as the run evaluated
+            result = accuracy_on_split(
+                run.method, run.data, cfg.eval, steps, solver, progress=True, split=args.split
+            )
     except ValueError as unusable:  # e.g. a solver the method cannot offer what it needs
         raise UserError(str(unusable)) from unusable
     _, labels = run.data.split(args.split)

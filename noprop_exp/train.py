@@ -15,7 +15,6 @@ records the run, evaluates and draws.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -51,6 +50,7 @@ from noprop_exp.distributed import (
 )
 from noprop_exp.evaluation import Accuracy, accuracy_on_split
 from noprop_exp.lifecycle import Heartbeat, RunStopped, pass_on, stop_on_signals
+from noprop_exp.precision import autocast, precision_on
 from noprop_exp.resume import command_line_keys, plan_run
 from noprop_exp.tracking import tracked_run, untracked
 from noprop_exp.validation import check_run_config, check_search_objective
@@ -66,14 +66,6 @@ def make_optimizer(cfg: DictConfig, method: Method) -> torch.optim.Optimizer:
     # the 2-core CPU (1 thread), a dt AdamW step took 11-22 ms fused, 160-460 ms per-parameter.
     fused = True if cfg.fused_optimizer else None  # None: torch's default implementation
     return optimizer(method.parameter_groups(cfg.weight_decay), lr=cfg.lr, fused=fused)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The context forward passes run in: bf16 autocast for train.precision=bf16 (weights,
-    optimiser state and gradients stay fp32; no loss scaling is needed for bf16), else none."""
-    if Precision(precision) is Precision.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def compile_networks(method: Method) -> None:
@@ -185,13 +177,13 @@ def train(
     optimizer = make_optimizer(cfg.train, method)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
     batches_per_epoch = math.ceil(len(data.train_y) / cfg.train.batch_size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
-    def split_accuracy(num_steps: int, split: str = "test") -> Accuracy:
+    def split_accuracy(num_steps: int, split: str = "test", by_step: bool = False) -> Accuracy:
         what = f"evaluating {len(data.split(split)[1]):,} {split} images at {num_steps} steps"
         with timed(f"{what}, {cfg.eval.repeats} run(s)"), autocast(cfg.train.precision, device):
-            return accuracy_on_split(method, data, cfg.eval, num_steps, solver, split=split)
+            return accuracy_on_split(
+                method, data, cfg.eval, num_steps, solver, split=split, by_step=by_step
+            )
 
     def checkpoint() -> None:
         parallel.gather_model()
@@ -208,13 +200,20 @@ def train(
             log.info("MLflow run %s: %s on %s, %s", tracker.run_id, method.name, data.name, device)
         tracker.log_params(epoch_meaning(data, batches_per_epoch, method))
         loop, metrics = LoopState(), {}
+        read_out = None  # the last evaluation's read-outs at every step, for the pictures
         if plan.run_id is not None:
             # After every draw from the generators above, so that they continue from the state
             # the run was stopped in.
             loop = load_checkpoint(plan.run_id, method, optimizer, shuffle, world)
             metrics = tracker.latest_metrics()
             log.info("continuing epoch %d after %d minibatches", loop.epoch + 1, loop.step)
-        tracker.log_params({WORLD_SIZE_PARAM: world.size, "distributed.mode": parallel.mode})
+        tracker.log_params(
+            {
+                WORLD_SIZE_PARAM: world.size,
+                "distributed.mode": parallel.mode,
+                "train.precision_on": precision_on(precision, device).value,
+            }
+        )
         heartbeat = Heartbeat(enabled=world.is_main)
         heartbeat.beat()
         progress = tqdm(
@@ -230,6 +229,9 @@ def train(
             else:  # resumed mid-epoch: draw the epoch's permutation again, skip the done batches
                 shuffle.set_state(loop.epoch_shuffle_state)
             synchronize(device)
+            if device.type == "cuda":  # Table 2: the training steps' peak above what is resident
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             started = time.perf_counter()
             progress.unpause()  # the bar's rate counts training only, not the epoch's end
             batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
@@ -258,7 +260,8 @@ def train(
             check_finite(metrics["train_loss"], f"on average in epoch {epoch}", precision)
             metrics["train_time_s"] = loop.train_time_s
             if device.type == "cuda":
-                metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                peak = torch.cuda.max_memory_allocated(device) - resident
+                metrics["peak_mem_gb"] = peak / 1e9
             evaluate = epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs
             if evaluate:
                 parallel.gather_model()
@@ -267,7 +270,12 @@ def train(
                 if data.val_y is not None:
                     held_out = split_accuracy(steps, "val")
                     accuracies |= {"val_acc": held_out.mean, "val_acc_se": held_out.se}
-                result = split_accuracy(steps)
+                # The last evaluation reads out every step as well: the pictures draw from it.
+                final = cfg.eval.pictures and epoch == cfg.train.epochs
+                started_eval = time.perf_counter()
+                result = split_accuracy(steps, by_step=final)
+                metrics["time/eval_s"] = time.perf_counter() - started_eval
+                read_out = result.by_step
                 accuracies |= {"test_acc": result.mean, "test_acc_se": result.se}
                 metrics |= accuracies | method.diagnostics()
                 loop.history.append(
@@ -296,15 +304,15 @@ def train(
             return metrics
 
         if cfg.eval.steps_sweep:
+            started_sweep = time.perf_counter()
             by_steps = []
             for n in cfg.eval.steps_sweep:
-                result = split_accuracy(n)
-                by_steps.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
-                metrics[f"test_acc_steps/{n}"] = result.mean
-            tracker.log_metrics(
-                {f"test_acc_steps/{r['steps']}": r["test_acc"] for r in by_steps},
-                step=cfg.train.epochs,
-            )
+                swept = split_accuracy(n)
+                by_steps.append({"steps": n, "test_acc": swept.mean, "test_acc_se": swept.se})
+            swept_metrics = {f"test_acc_steps/{r['steps']}": r["test_acc"] for r in by_steps}
+            swept_metrics["time/steps_sweep_s"] = time.perf_counter() - started_sweep
+            metrics |= swept_metrics
+            tracker.log_metrics(swept_metrics, step=cfg.train.epochs)
             tracker.log_table(by_steps, "acc_vs_steps.json")
         if cfg.mlflow.log_model:
             tracker.log_state_dict(method)
@@ -312,8 +320,11 @@ def train(
             # Imported here: matplotlib is loaded only by runs that draw.
             from noprop_exp.pictures.logged import log_pictures
 
+            started_pictures = time.perf_counter()
             with timed("drawing the pictures"):
-                log_pictures(cfg, run_parts, tracker.run_id)
+                log_pictures(cfg, run_parts, tracker.run_id, by_step=read_out)
+            metrics["time/pictures_s"] = time.perf_counter() - started_pictures
+            tracker.log_metrics({"time/pictures_s": metrics["time/pictures_s"]}, cfg.train.epochs)
     announce(summary_line(tracker.run_id, tracker.experiment_id, cfg.mlflow.tracking_uri, metrics))
     return metrics
 

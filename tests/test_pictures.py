@@ -322,6 +322,32 @@ def test_chain_accuracies_match_a_chain_run_by_hand(tiny_config):
     assert result.readout[-1] == pytest.approx(final.mean)
 
 
+def test_checks_on_the_first_images_leave_every_read_out_as_a_full_pass(tiny_config):
+    """The last evaluation of training runs as step_accuracy with the checks on a few images
+    (eval.picture_images): its predictions must be those of plain inference over all images,
+    and its checks those of a pass over the checked images alone."""
+    torch.manual_seed(0)
+    cfg, _ = tiny_config("variant.method.num_blocks=3", "dataset.test_size=96")
+    parts = assemble(cfg, torch.device("cpu"))
+    method, x, y = parts.method, parts.data.test_x, parts.data.test_y
+    solver = PosteriorSolver()  # stochastic: a draw out of step would change predictions
+    full = measures.step_accuracy(method, x, y, 3, solver, 32, seed=7)
+    partial = measures.step_accuracy(method, x, y, 3, solver, 32, seed=7, check_images=40)
+    assert (full.checked_images, partial.checked_images) == (96, 64)  # whole batches of 32
+    assert partial.readout == full.readout
+    assert partial.predictions.tolist() == full.predictions.tolist()
+    first = measures.step_accuracy(method, x[:64], y[:64], 3, solver, 32, seed=7)
+    assert partial.block_chain == first.block_chain
+    assert partial.block_q == first.block_q
+    assert partial.last_block_noise == first.last_block_noise
+
+    evaluated = accuracy(method, x, y, 3, solver, 32, repeats=2, seed=7, by_step=True)
+    plain = accuracy(method, x, y, 3, solver, 32, repeats=2, seed=7)
+    assert (evaluated.mean, evaluated.se) == (plain.mean, plain.se)
+    assert evaluated.by_step.predictions.tolist() == full.predictions.tolist()
+    assert plain.by_step is None
+
+
 # ------------------------------------------------------------------- other methods, long solves
 
 

@@ -17,9 +17,10 @@ passes more. Per variant:
   read afterwards from the run's metrics: no early stopping, so the run is an ordinary one.
   Reading the test set to stop or select would be test-set model selection when the accuracy is
   reported; here the time to reach it is the measurement.
-- peak memory: on CUDA, the peak allocated during the training steps and what was resident
-  before them (dataset on the device + weights); on the CPU, the process's peak resident set
-  (host memory, so far in the process: it never goes down).
+- peak memory: on CUDA, the peak allocated during the training steps above what was resident
+  before them (`resident_gb`: the dataset on the device, weights), as the paper's Table 2 counts
+  it; on the CPU, the process's peak resident set (host memory, so far in the process: it never
+  goes down).
 
 The machine (CPU model, GPU name), torch version and the table go to `<out>.csv`, `<out>.md`
 and an MLflow run in experiment `noprop-bench`. The measurements themselves are in
@@ -27,6 +28,8 @@ and an MLflow run in experiment `noprop-bench`. The measurements themselves are 
 
 `--processes 1,2,...` measures instead how training scales over processes under torchrun
 (`noprop_exp.bench.scaling`): `<out>-scaling.csv/.md`, one row per variant and process count.
+`--vs-plain` measures instead the suite's training step against a hand-written plain PyTorch
+loop of the same maths, side by side (`noprop_exp.bench.versus`): `<out>-vs-plain.csv/.md`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,7 +53,7 @@ from omegaconf import DictConfig
 
 from noprop_exp import train
 from noprop_exp.assemble import assemble, resolve_device
-from noprop_exp.bench import measure, scaling
+from noprop_exp.bench import measure, plain, scaling, versus
 from noprop_exp.config import CONF_DIR, Device, compose, default_tracking_uri
 from noprop_exp.report.tables import markdown_table
 from noprop_exp.store import accuracy_histories, experiment_id
@@ -149,7 +152,7 @@ def bench_variant(variant: str, args: argparse.Namespace, parent_run_id: str) ->
     row.train_img_s = measure.training_throughput(
         assembled, cfg, device, args.warmup_steps, args.train_steps
     )
-    row.peak_mem_gb, row.memory = measure.peak_memory(device)
+    row.peak_mem_gb, row.memory = measure.peak_memory(device, row.resident_gb)
     train_images, test_images = len(assembled.data.train_y), len(assembled.data.test_y)
     images = min(args.infer_images or test_images, test_images)
     for steps in args.infer_steps:
@@ -262,12 +265,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--processes", help="comma-separated process counts, e.g. 1,2: training scaling instead"
     )
+    parser.add_argument(
+        "--vs-plain",
+        action="store_true",
+        help=f"training speed against a plain PyTorch loop instead ({', '.join(plain.VARIANTS)})",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--vs-plain: turns of each step")
     args = parser.parse_args(argv)
     if args.processes:
         args.processes = [int(n) for n in args.processes.split(",")]
 
     known = available_variants()
     args.variants = args.variants.split(",") if args.variants else known
+    if args.vs_plain:
+        args.variants = [v for v in args.variants if v in plain.VARIANTS] or parser.error(
+            f"--vs-plain compares {list(plain.VARIANTS)} only"
+        )
     unknown = sorted(set(args.variants) - set(known))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {known}")
@@ -297,7 +310,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine = measure.describe_machine(device)
     command = shlex.join(["noprop-bench", *(sys.argv[1:] if argv is None else argv)])
     if args.processes:
-        scaling_table(args, machine, command)
+        side_table(args, machine, command, "scaling", scaling_rows)
+        return
+    if args.vs_plain:
+        side_table(args, machine, command, "vs-plain", versus_rows)
         return
     client = MlflowClient(args.tracking_uri)
     bench_run = client.create_run(
@@ -329,22 +345,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"noprop-bench: failed for {', '.join(failed)} (see the notes column)")
 
 
-def scaling_table(args: argparse.Namespace, machine: dict[str, str], command: str) -> None:
-    """Training images/s of each variant on each of `args.processes` processes (torchrun)."""
+def side_table(
+    args: argparse.Namespace,
+    machine: dict[str, str],
+    command: str,
+    name: str,
+    rows_of: Callable[[str, argparse.Namespace], list[dict[str, object]]],
+) -> None:
+    """A table other than the main one (`--processes`, `--vs-plain`): `<out>-<name>.csv/.md`."""
     rows = []
     for variant in args.variants:
-        print(f"noprop-bench: {variant} on {args.processes} processes ...", file=sys.stderr)
-        overrides = variant_overrides(variant, args)
-        for row in scaling.measure_scaling(
-            overrides, args.processes, args.warmup_steps, args.train_steps
-        ):
-            rows.append({"variant": variant, **row})
+        print(f"noprop-bench {name}: {variant} ...", file=sys.stderr, flush=True)
+        rows += [{"variant": variant, **row} for row in rows_of(variant, args)]
     frame, markdown = report_frame(pd.DataFrame(rows), machine, command)
-    out = Path(f"{args.out}-scaling")
+    out = Path(f"{args.out}-{name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out.with_suffix(".csv"), index=False)
     out.with_suffix(".md").write_text(markdown)
     print(markdown)
+
+
+def scaling_rows(variant: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Training images/s of `variant` on each of `args.processes` processes (torchrun)."""
+    overrides = variant_overrides(variant, args)
+    return scaling.measure_scaling(overrides, args.processes, args.warmup_steps, args.train_steps)
+
+
+def versus_rows(variant: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    """`variant`'s training images/s against the plain loop's, side by side."""
+    overrides = variant_overrides(variant, args)
+    return [versus.versus_plain(overrides, args.rounds, args.warmup_steps, args.train_steps)]
 
 
 def log_to_mlflow(

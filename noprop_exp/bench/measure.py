@@ -8,7 +8,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from noprop_exp import train
 from noprop_exp.assemble import Assembled
 from noprop_exp.data import minibatches
 from noprop_exp.distributed import SingleProcess
+from noprop_exp.precision import autocast
 
 
 def describe_machine(device: torch.device) -> dict[str, str]:
@@ -64,20 +65,41 @@ def training_throughput(
 ) -> float:
     """Images/s of `train.train_step` (the loop's step) on full minibatches; with `parallel`,
     this process's share of a distributed step (bench/scaling.py)."""
+    batches = endless_batches(assembled, cfg.train.batch_size, cfg.seed)
+    step = suite_step(assembled, cfg, parallel)
+    for _ in range(warmup):
+        step(*next(batches))
+    return step_throughput(step, batches, steps, device)
+
+
+def suite_step(
+    assembled: Assembled, cfg: DictConfig, parallel: SingleProcess | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The loop's training step on a minibatch, with an optimiser of its own."""
     method = assembled.method
     optimizer = train.make_optimizer(cfg.train, method)
-    batches = endless_batches(assembled, cfg.train.batch_size, cfg.seed)
     method.train()
-    precision = cfg.train.precision
-    for _ in range(warmup):
-        train.train_step(method, optimizer, *next(batches), precision, parallel)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        train.train_step(method, optimizer, x, y, cfg.train.precision, parallel)
+
+    return step
+
+
+def step_throughput(
+    step: Callable[[torch.Tensor, torch.Tensor], None],
+    batches: Iterator,
+    steps: int,
+    device: torch.device,
+) -> float:
+    """Images/s of `step` over the next `steps` minibatches, timed between device syncs."""
     work = [next(batches) for _ in range(steps)]  # gathered before the clock starts
     train.synchronize(device)
     started = time.perf_counter()
     for x, y in work:
-        train.train_step(method, optimizer, x, y, precision, parallel)
+        step(x, y)
     train.synchronize(device)
-    return steps * cfg.train.batch_size / (time.perf_counter() - started)
+    return sum(len(y) for _, y in work) / (time.perf_counter() - started)
 
 
 def inference_throughput(
@@ -88,7 +110,7 @@ def inference_throughput(
     test_x = assembled.data.test_x[:images]
     generator = torch.Generator(device=device).manual_seed(cfg.eval.seed)
     method.eval()
-    with train.autocast(cfg.train.precision, device):
+    with autocast(cfg.train.precision, device):
         method.predict(test_x[: min(len(test_x), 8)], steps, solver, generator)  # warm-up
         train.synchronize(device)
         started = time.perf_counter()
@@ -98,10 +120,10 @@ def inference_throughput(
     return len(test_x) / (time.perf_counter() - started)
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    """Peak memory (GB) so far and what it measures."""
+def peak_memory(device: torch.device, resident_gb: float | None = None) -> tuple[float, str]:
+    """Peak memory (GB) so far and what it measures: on CUDA, above `resident_gb`."""
     if device.type == "cuda":
-        allocated = torch.cuda.max_memory_allocated(device)
-        return allocated / 1e9, "peak device memory allocated in training"
+        allocated = torch.cuda.max_memory_allocated(device) / 1e9 - (resident_gb or 0.0)
+        return allocated, "peak device memory allocated in training, above the resident"
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return rss_kib * 1024 / 1e9, "peak host memory (process RSS so far)"

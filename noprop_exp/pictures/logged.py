@@ -33,7 +33,8 @@ from noprop_exp.pictures.figures import (
     prediction_grid,
     trajectory_figure,
 )
-from noprop_exp.pictures.measures import pick, shown_steps, step_accuracy
+from noprop_exp.pictures.measures import StepAccuracy, pick, shown_steps, step_accuracy
+from noprop_exp.precision import autocast
 from noprop_exp.solvers import Solver
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def evaluated_step_sweep(
     for solver in solvers:
         rows = []
         for n in step_counts:
-            with timed(f"{solver_label(solver)}: {images:,} test images at {n} steps"):
+            what = f"{solver_label(solver)}: {images:,} test images at {n} steps"
+            with timed(what), autocast(cfg.train.precision, run.data.test_x.device):
                 result = accuracy_on_split(run.method, run.data, cfg.eval, n, solver, progress=True)
             log.info("%s at %d steps: test_acc %.2f%%", solver_label(solver), n, result.mean)
             rows.append({"steps": n, "test_acc": result.mean, "test_acc_se": result.se})
@@ -84,20 +86,41 @@ def evaluated_step_sweep(
     return lines
 
 
-def make_pictures(cfg: DictConfig, run: Assembled, step_sweep: dict[str, list[dict]]) -> Pictures:
-    """Every picture of a trained model (and the per-step metrics), from its test set."""
+def make_pictures(
+    cfg: DictConfig,
+    run: Assembled,
+    step_sweep: dict[str, list[dict]],
+    by_step: StepAccuracy | None = None,
+) -> Pictures:
+    """Every picture of a trained model (and the per-step metrics), from its test set.
+
+    `by_step`: the read-outs of an evaluation already made (training's last one, which runs
+    as `step_accuracy` for this); without it, a pass over the first `eval.picture_images`
+    test images makes them.
+    """
     method, data, solver = run.method, run.data, run.solver
     steps = cfg.eval.steps or method.default_steps()
     title = f"{method.name} on {data.name}"
     seed = cfg.eval.seed
     pictures = Pictures()
 
-    test_x, test_y = data.test_x[: cfg.eval.picture_images], data.test_y[: cfg.eval.picture_images]
-    result = step_accuracy(method, test_x, test_y, steps, solver, cfg.eval.batch_size, seed)
+    result = by_step
+    if result is None:
+        images = cfg.eval.picture_images
+        what = f"reading out every step on {len(data.test_y[:images]):,} test images"
+        with timed(what), autocast(cfg.train.precision, data.test_x.device):
+            test_x, test_y = data.test_x[:images], data.test_y[:images]
+            result = step_accuracy(method, test_x, test_y, steps, solver, cfg.eval.batch_size, seed)
+    test_x, test_y = data.test_x[: len(result.predictions)], data.test_y[: len(result.predictions)]
     by_step_notes = []
     if len(test_y) < len(data.test_y):
         by_step_notes.append(
-            f"on the first {len(test_y):,} of {len(data.test_y):,} test images "
+            f"read-outs on the first {len(test_y):,} of {len(data.test_y):,} test images "
+            "(eval.picture_images)"
+        )
+    if result.has_block_checks and result.checked_images < len(test_y):
+        by_step_notes.append(
+            f"per-block checks on the first {result.checked_images:,} test images "
             "(eval.picture_images)"
         )
     shown = shown_steps(steps)
@@ -110,7 +133,8 @@ def make_pictures(cfg: DictConfig, run: Assembled, step_sweep: dict[str, list[di
 
     index = pick(TRAJECTORY_IMAGES, len(data.test_y), seed + 1)
     generator = torch.Generator(device=data.test_x.device).manual_seed(seed)
-    scores = method.trajectory(data.test_x[index], steps, solver, generator)
+    with autocast(cfg.train.precision, data.test_x.device):  # inference, as the run's
+        scores = method.trajectory(data.test_x[index], steps, solver, generator)
     probs = scores[shown].float().softmax(-1)
     pictures.figures["trajectories"] = trajectory_figure(
         data.test_x[index], data.test_y[index], probs, shown, method.step_unit, title
@@ -177,14 +201,16 @@ def log_pictures(
     run_id: str,
     step_sweep: dict[str, list[dict]] | None = None,
     out_dir: Path | None = None,
+    by_step: StepAccuracy | None = None,
 ) -> Pictures:
     """Make every picture of a trained model and log it into MLflow run `run_id`.
 
     `step_sweep` (solver -> rows of steps/test_acc/test_acc_se): default, the run's own.
+    `by_step`: as in `make_pictures`.
     """
     client = MlflowClient(cfg.mlflow.tracking_uri)
     if step_sweep is None:
         step_sweep = logged_step_sweep(client, run_id, run.solver)
-    pictures = make_pictures(cfg, run, step_sweep)
+    pictures = make_pictures(cfg, run, step_sweep, by_step)
     save_and_log(pictures, client, run_id, cfg.train.epochs, out_dir)
     return pictures

@@ -28,6 +28,7 @@ class StepAccuracy:
 
     readout: list[float]
     predictions: Tensor  # (N,) final predicted class of every test image
+    checked_images: int = 0  # how many of the N the method's own checks (block_*) ran on
     block_chain: list[float] | None = None
     block_q: list[float] | None = None
     last_block_noise: float | None = None
@@ -65,37 +66,44 @@ def step_accuracy(
     solver: Solver,
     batch_size: int,
     seed: int,
+    check_images: int | None = None,
 ) -> StepAccuracy:
     """One pass of inference over (images, labels), read out at every step, with the method's
-    own checks (`Method.inference_diagnostics`; DT's per-block read-outs).
+    own checks (`Method.inference_diagnostics`; DT's per-block read-outs) on the batches that
+    hold the first `check_images` images (None: all), since the checks cost inference of their
+    own (DT: T more block calls per image).
 
     Inference draws its noise as `evaluation.accuracy` does with the same seed and batch size,
     so the last read-out is the run's `test_acc`; the checks draw theirs from a second
-    generator.
+    generator, so checking a batch or not leaves its trajectory alone.
     """
     method.eval()
     generator = torch.Generator(device=images.device).manual_seed(seed)
     check_generator = torch.Generator(device=images.device).manual_seed(seed + 1)
     readout_hits = torch.zeros(steps + 1, device=images.device)
     check_hits: dict[str, Tensor] = {}
-    predictions = []
+    predictions, checked = [], 0
     for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-        scores, checks = method.inference_diagnostics(
-            x, y, steps, solver, generator, check_generator
-        )
+        if check_images is None or checked < check_images:
+            scores, checks = method.inference_diagnostics(
+                x, y, steps, solver, generator, check_generator
+            )
+            checked += len(y)
+        else:
+            scores, checks = method.trajectory(x, steps, solver, generator), {}
         readout_hits += (scores.argmax(-1) == y).sum(1)
         predictions.append(scores[-1].argmax(-1))
         for name, correct in checks.items():
             check_hits[name] = check_hits.get(name, 0) + correct.sum(1)
 
-    def percent(hits: Tensor) -> list[float]:
-        return (100.0 * hits / len(labels)).tolist()
+    def percent(hits: Tensor, count: int) -> list[float]:
+        return (100.0 * hits / count).tolist()
 
-    result = StepAccuracy(percent(readout_hits), torch.cat(predictions))
+    result = StepAccuracy(percent(readout_hits, len(labels)), torch.cat(predictions), checked)
     if check_hits:
-        result.block_chain = percent(check_hits["block_acc_chain"])
-        result.block_q = percent(check_hits["block_acc_q"])
-        (result.last_block_noise,) = percent(check_hits["last_block_noise_acc"])
+        result.block_chain = percent(check_hits["block_acc_chain"], checked)
+        result.block_q = percent(check_hits["block_acc_q"], checked)
+        (result.last_block_noise,) = percent(check_hits["last_block_noise_acc"], checked)
     return result
 
 

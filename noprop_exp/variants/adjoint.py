@@ -128,10 +128,14 @@ class AdjointODE(Method):
         times = torch.stack([t0, t1])
         solver = dict(method=self.ode_method, options={"grid_constructor": uniform_grid(steps)})
         if adjoint:
+            # Outside autocast, in the weights' dtype: the adjoint pass re-runs the field in
+            # backward, where autocast is off, and its gradients must be the forward solve's.
+            features, z0 = (tensor.to(self.head.weight.dtype) for tensor in (features, z0))
             params = (features, *self.field_parameters())
-            states = torchdiffeq.odeint_adjoint(
-                self.field(features), z0, times, adjoint_params=params, **solver
-            )
+            with torch.autocast(z0.device.type, enabled=False):
+                states = torchdiffeq.odeint_adjoint(
+                    self.field(features), z0, times, adjoint_params=params, **solver
+                )
         else:
             states = torchdiffeq.odeint(self.field(features), z0, times, **solver)
         return states[-1]
