@@ -19,7 +19,8 @@ import torch
 
 from noprop_exp.assemble import assemble, make_parts, resolve_device
 from noprop_exp.bench import measure, plain
-from noprop_exp.config import Device, Precision, compose
+from noprop_exp.config import Device, compose
+from noprop_exp.precision import precision_on
 
 SWITCHES_OFF = ("train.precision=fp32", "train.channels_last=false")
 
@@ -54,7 +55,7 @@ def versus_plain(
         "suite_img_s": median["suite"],
         "suite_fp32_vs_plain": median["suite_fp32"] / median["plain"],
         "suite_vs_plain": median["suite"] / median["plain"],
-        "precision": Precision(cfg.train.precision).value,
+        "precision": precision_on(cfg.train.precision, device).value,
         "channels_last": cfg.train.channels_last,
         "spread": "; ".join(f"{name} {min(v):.0f}-{max(v):.0f}" for name, v in figures.items()),
     }
