@@ -374,11 +374,13 @@ def test_ct_defaults_and_paper_presets(compose_config):
 
 
 def test_the_recipe_preset_is_the_paper_preset_with_uniformly_weighted_t(compose_config):
+    """...in fp32, the precision it was verified in."""
     paper, _ = compose_config(["experiment=paper/mnist_ct"])
     recipe, choices = compose_config(["experiment=recipe/mnist_ct"])
     assert paper.variant.method.loss_weight == "snr_prime"  # the paper presets stay faithful
     assert recipe.variant.method.loss_weight == "uniform"
-    recipe.variant.method.loss_weight = "snr_prime"
+    assert (paper.train.precision, recipe.train.precision) == ("auto", "fp32")
+    recipe.variant.method.loss_weight, recipe.train.precision = "snr_prime", "auto"
     assert recipe == paper and choices["experiment"] == "recipe/mnist_ct"
 
 
