@@ -41,8 +41,8 @@ def make_parts(cfg: DictConfig, data: DataSplits) -> Parts:
     )
 
 
-def assemble(cfg: DictConfig, device: torch.device) -> Assembled:
-    data = instantiate(cfg.dataset)(device=device)
+def build_method(cfg: DictConfig, data: DataSplits, device: torch.device) -> Method:
+    """The configured method for `data`, on `device`, in the configured memory layout."""
     method = instantiate(cfg.variant.method)(make_parts(cfg, data)).to(device)
     if cfg.train.get("channels_last", False):  # absent from runs logged before it existed
         # Each convolution's weight in NHWC makes it return NHWC activations whatever x's
@@ -50,4 +50,9 @@ def assemble(cfg: DictConfig, device: torch.device) -> Assembled:
         for module in method.modules():
             if isinstance(module, nn.Conv2d):
                 module.to(memory_format=torch.channels_last)
-    return Assembled(data, method, instantiate(cfg.solver))
+    return method
+
+
+def assemble(cfg: DictConfig, device: torch.device) -> Assembled:
+    data = instantiate(cfg.dataset)(device=device)
+    return Assembled(data, build_method(cfg, data, device), instantiate(cfg.solver))

@@ -110,6 +110,21 @@ def test_time_to_target_is_read_from_an_ordinary_training_run(tiny_config, track
     assert len(accs) == 2 and row.best_acc == max(accs)
 
 
+def test_vs_plain_measures_the_three_steps_side_by_side(tmp_path):
+    out = tmp_path / "bench"
+    options = ["--vs-plain", "--smoke", "--device", "cpu", "--out", str(out), "--rounds", "2"]
+    bench.main([*options, "--variants", "fm,backprop"])  # backprop has no plain loop: left out
+    table = pd.read_csv(out.parent / "bench-vs-plain.csv")
+    assert table["variant"].tolist() == ["fm"]
+    row = table.iloc[0]
+    assert min(row["plain_img_s"], row["suite_fp32_img_s"], row["suite_img_s"]) > 0
+    assert row["suite_vs_plain"] == pytest.approx(row["suite_img_s"] / row["plain_img_s"])
+    assert row["precision"] in ("fp32", "bf16") and row["channels_last"]
+    assert row["spread"].count("-") == 3  # a min-max range for each step
+    with pytest.raises(SystemExit):
+        bench.main([*options, "--variants", "backprop"])
+
+
 def test_time_to_target_is_skipped_when_one_epoch_exceeds_the_budget(tiny_config):
     cfg, choices = tiny_config()
     row = bench.Row("dt", train_img_s=1.0, target_acc=99.0)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from noprop_exp.assemble import assemble, make_parts, resolve_device
+from noprop_exp.assemble import Assembled, assemble, build_method, make_parts, resolve_device
 from noprop_exp.bench import measure, plain
 from noprop_exp.config import Device, compose
 from noprop_exp.precision import precision_on
@@ -33,10 +33,11 @@ def versus_plain(
     device = resolve_device(Device(cfg.device).value)
     torch.manual_seed(cfg.seed)
     configured = assemble(cfg, device)
+    data = configured.data
     off_cfg, _ = compose([*overrides, *SWITCHES_OFF])
-    switches_off = assemble(off_cfg, device)
+    switches_off = Assembled(data, build_method(off_cfg, data, device), configured.solver)
     steps_by_name = {
-        "plain": plain.plain_loop(cfg, make_parts(cfg, configured.data), device).step,
+        "plain": plain.plain_loop(cfg, make_parts(cfg, data), device).step,
         "suite_fp32": measure.suite_step(switches_off, off_cfg),
         "suite": measure.suite_step(configured, cfg),
     }

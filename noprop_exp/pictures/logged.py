@@ -104,14 +104,13 @@ def make_pictures(
     seed = cfg.eval.seed
     pictures = Pictures()
 
+    images = len(by_step.predictions) if by_step is not None else cfg.eval.picture_images
+    test_x, test_y = data.test_x[:images], data.test_y[:images]
     result = by_step
     if result is None:
-        images = cfg.eval.picture_images
-        what = f"reading out every step on {len(data.test_y[:images]):,} test images"
+        what = f"reading out every step on {len(test_y):,} test images"
         with timed(what), autocast(cfg.train.precision, data.test_x.device):
-            test_x, test_y = data.test_x[:images], data.test_y[:images]
             result = step_accuracy(method, test_x, test_y, steps, solver, cfg.eval.batch_size, seed)
-    test_x, test_y = data.test_x[: len(result.predictions)], data.test_y[: len(result.predictions)]
     by_step_notes = []
     if len(test_y) < len(data.test_y):
         by_step_notes.append(
