@@ -32,6 +32,11 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class LrSchedule(str, Enum):
+    constant = "constant"  # train.lr throughout (the paper)
+    cosine = "cosine"  # (ours) train.lr decayed to 0 along a half cosine over the run's minibatches
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 where the device computes it natively, else fp32 (precision.py)
     fp32 = "fp32"
@@ -44,6 +49,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-3
+    lr_schedule: LrSchedule = LrSchedule.constant
     # The paper uses AdamW for DT and the baselines, Adam for CT and FM: each variant says which.
     optimizer: OptimizerName = "${variant.optimizer}"  # type: ignore[assignment]
     log_every: int = 50  # steps between progress-bar updates (each one syncs with the device)

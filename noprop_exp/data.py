@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import shutil
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,10 +255,15 @@ def _normalise(images: Tensor, source: _Source, device: str | torch.device) -> T
 
 def _gunzip_atomically(archive: Path, target: Path) -> None:
     """Decompress into a temporary file beside `target`, renamed into place only when complete,
-    so an unreadable archive never leaves a partial file that later runs would trust."""
-    partial = target.with_name(f".{target.name}.partial")
+    so an unreadable archive never leaves a partial file that later runs would trust. The
+    temporary file is this call's own: runs of a parallel sweep may extract the same archive at
+    once, and each renames a complete copy."""
+    descriptor, name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".partial"
+    )
+    partial = Path(name)
     try:
-        with gzip.open(archive, "rb") as source, partial.open("wb") as sink:
+        with gzip.open(archive, "rb") as source, os.fdopen(descriptor, "wb") as sink:
             shutil.copyfileobj(source, sink)
     except (OSError, EOFError, zlib.error) as err:
         partial.unlink(missing_ok=True)
@@ -266,6 +272,7 @@ def _gunzip_atomically(archive: Path, target: Path) -> None:
             f"or corrupted. Delete it and download it again (dataset.download=true), or copy a "
             f"good one there."
         ) from None
+    partial.chmod(0o644)  # mkstemp's 0o600 would hide the file from other users of the folder
     os.replace(partial, target)
 
 

@@ -34,6 +34,7 @@ from noprop_exp.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from noprop_exp.config import (  # importing registers the schema
     CONF_DIR,
     Device,
+    LrSchedule,
     OptimizerName,
     Precision,
 )
@@ -66,6 +67,19 @@ def make_optimizer(cfg: DictConfig, method: Method) -> torch.optim.Optimizer:
     # the 2-core CPU (1 thread), a dt AdamW step took 11-22 ms fused, 160-460 ms per-parameter.
     fused = True if cfg.fused_optimizer else None  # None: torch's default implementation
     return optimizer(method.parameter_groups(cfg.weight_decay), lr=cfg.lr, fused=fused)
+
+
+def learning_rate(cfg: DictConfig, minibatches_done: int, minibatches_in_run: int) -> float:
+    """`train.lr_schedule`'s rate for the next minibatch: a function of the run's position
+    alone, so a resumed run continues on the same curve (raising train.epochs stretches it)."""
+    if LrSchedule(cfg.lr_schedule) is LrSchedule.constant:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * minibatches_done / minibatches_in_run))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def compile_networks(method: Method) -> None:
@@ -177,6 +191,7 @@ def train(
     optimizer = make_optimizer(cfg.train, method)
     shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
     batches_per_epoch = math.ceil(len(data.train_y) / cfg.train.batch_size)
+    minibatches_in_run = cfg.train.epochs * batches_per_epoch
 
     def split_accuracy(num_steps: int, split: str = "test", by_step: bool = False) -> Accuracy:
         what = f"evaluating {len(data.split(split)[1]):,} {split} images at {num_steps} steps"
@@ -217,7 +232,7 @@ def train(
         heartbeat = Heartbeat(enabled=world.is_main)
         heartbeat.beat()
         progress = tqdm(
-            total=cfg.train.epochs * batches_per_epoch,
+            total=minibatches_in_run,
             initial=loop.epoch * batches_per_epoch + loop.step,
             disable=None if world.is_main else True,
             unit="batch",
@@ -237,6 +252,8 @@ def train(
             batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
             for x, y in itertools.islice(batches, loop.step, None):
                 step = loop.step
+                done = (epoch - 1) * batches_per_epoch + step
+                set_learning_rate(optimizer, learning_rate(cfg.train, done, minibatches_in_run))
                 main_loss, diagnostics = train_step(method, optimizer, x, y, precision, parallel)
                 loop.step += 1
                 for name, value in {"train_loss": main_loss, **diagnostics}.items():
@@ -259,6 +276,7 @@ def train(
             metrics = {k: (total / batches_per_epoch).item() for k, total in sums.items()}
             check_finite(metrics["train_loss"], f"on average in epoch {epoch}", precision)
             metrics["train_time_s"] = loop.train_time_s
+            metrics["lr"] = optimizer.param_groups[0]["lr"]  # the epoch's last minibatch's
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) - resident
                 metrics["peak_mem_gb"] = peak / 1e9

@@ -6,6 +6,7 @@ import gzip
 import inspect
 import os
 import pickle
+import shutil
 import struct
 from pathlib import Path
 from urllib.error import URLError
@@ -467,3 +468,24 @@ def test_a_raw_file_older_than_its_restored_archive_is_extracted_again(fake_mnis
     splits = data.mnist(str(root), download=False)
     expected = torch.as_tensor(raw["train_x"]).float().div(255).sub(0.1307).div(0.3081)
     torch.testing.assert_close(splits.train_x[:, 0], expected)
+
+
+def test_runs_extracting_the_same_archive_at_once_both_succeed(fake_mnist, monkeypatch) -> None:
+    """Runs of a parallel sweep extract a fresh folder's archives together: while one copies,
+    another extracts and renames the same file; neither may lose its temporary file."""
+    root, raw = fake_mnist
+    copy = shutil.copyfileobj
+    overlapped = []
+
+    def copy_while_another_run_extracts(source, sink) -> None:
+        copy(source, sink)
+        if not overlapped:
+            overlapped.append(True)
+            data.mnist(str(root), download=False)  # the other run, from start to finish
+
+    monkeypatch.setattr(data.shutil, "copyfileobj", copy_while_another_run_extracts)
+    splits = data.mnist(str(root), download=False)
+    assert overlapped
+    expected = torch.as_tensor(raw["train_x"]).float().div(255).sub(0.1307).div(0.3081)
+    torch.testing.assert_close(splits.train_x[:, 0], expected)
+    assert not [p.name for p in (root / "MNIST" / "raw").iterdir() if p.name.endswith(".partial")]

@@ -144,10 +144,11 @@ def test_a_finished_run_trains_further_when_train_epochs_is_raised(tracking_uri)
         [*DT, "variant.method.fused=true"],
         ["variant=ct", "noise_schedule=learned", "eval.steps=4"],
         ["variant=fm", "eval.steps=4"],
+        ["variant=fm", "eval.steps=4", "train.lr_schedule=cosine"],
         ["variant=backprop", "variant.method.num_blocks=3"],
         ["variant=adjoint", "variant.method.train_steps=4"],
     ],
-    ids=["dt", "dt-fused", "ct-learned", "fm", "backprop", "adjoint"],
+    ids=["dt", "dt-fused", "ct-learned", "fm", "fm-cosine-lr", "backprop", "adjoint"],
 )
 def test_every_variant_resumes_exactly_from_a_mid_epoch_stop(
     tracking_uri, monkeypatch, tmp_path, variant

@@ -246,3 +246,35 @@ def test_a_search_that_cannot_select_honestly_is_refused_before_any_run(
     experiment = client.get_experiment_by_name("noprop")
     runs = [] if experiment is None else client.search_runs([experiment.experiment_id])
     assert all("mlflow.parentRunId" not in r.data.tags for r in runs)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_follows_train_lr_schedule_minibatch_by_minibatch(
+    tiny_config, tracking_uri, monkeypatch, schedule
+):
+    from noprop_exp import train
+
+    seen, original = [], train.train_step
+
+    def recording(method, optimizer, *args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return original(method, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    cfg, choices = tiny_config(
+        f"train.lr_schedule={schedule}", "train.lr=0.002", "eval.pictures=false"
+    )
+    run(cfg, choices)
+    total = cfg.train.epochs * math.ceil(cfg.dataset.train_size / cfg.train.batch_size)
+    assert len(seen) == total
+    # Written out: constant, or a half cosine from 0.002 down towards 0 over the run.
+    expected = [
+        0.002 if schedule == "constant" else 0.001 * (1 + math.cos(math.pi * k / total))
+        for k in range(total)
+    ]
+    assert [rates[0] for rates in seen] == pytest.approx(expected, rel=1e-12)
+    assert all(len(set(rates)) == 1 for rates in seen)  # every parameter group alike
+    client, logged = only_run(tracking_uri)
+    logged_lr = sorted(client.get_metric_history(logged.info.run_id, "lr"), key=lambda m: m.step)
+    per_epoch = total // cfg.train.epochs
+    assert [m.value for m in logged_lr] == pytest.approx(expected[per_epoch - 1 :: per_epoch])
