@@ -235,18 +235,28 @@ def test_prototype_rows_are_drawn_as_images_and_onehot_is_skipped(compose_config
 # ---------------------------------------------------------------- per-block accuracies, exactly
 
 
-class ReadsZ(nn.Module):
-    """A stub DT block that ignores the image: its logits are its (one-hot-space) input z."""
+class StubBlock(nn.Module):
+    """A DT block's interface (DTBlock): image features of x, then logits from z and them."""
+
+    def image_features(self, x: Tensor) -> Tensor:
+        return x.flatten(1)[:, :10]
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.from_features(z, self.image_features(x))
+
+
+class ReadsZ(StubBlock):
+    """A stub DT block that ignores the image: its logits are its (one-hot-space) input z."""
+
+    def from_features(self, z: Tensor, features: Tensor) -> Tensor:
         return 50 * z
 
 
-class ReadsX(nn.Module):
+class ReadsX(StubBlock):
     """A stub DT block that is a perfect classifier of x and ignores z."""
 
-    def forward(self, z: Tensor, x: Tensor) -> Tensor:
-        return 50 * x.flatten(1)[:, :10]
+    def from_features(self, z: Tensor, features: Tensor) -> Tensor:
+        return 50 * features
 
 
 def p_argmax_correct(signal: float, sigma: float, classes: int = 10) -> float:
@@ -320,6 +330,49 @@ def test_chain_accuracies_match_a_chain_run_by_hand(tiny_config):
     assert result.readout == pytest.approx(expected_readout, abs=1e-4)
     final = accuracy(method, x, y, 3, solver, 1000, seed=5)
     assert result.readout[-1] == pytest.approx(final.mean)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["blocks", "fused"])
+def test_q_and_noise_checks_match_whole_block_calls_and_reuse_the_chains_image_passes(
+    tiny_config, monkeypatch, fused
+):
+    """Block t's check on z_{t-1} ~ q and block T's on pure noise, recomputed here by whole
+    block calls (z, x); the checks themselves take each block's image features from the chain,
+    so a checked batch costs T image passes, as an unchecked one does."""
+    torch.manual_seed(0)
+    cfg, _ = tiny_config("variant.method.num_blocks=3", f"variant.method.fused={fused}")
+    method = assemble(cfg, torch.device("cpu")).method
+    x, y = torch.randn(50, 1, 16, 16), torch.arange(50) % 10
+    block_type, image_passes = type(method.blocks[0]), []  # DTBlock, or the stack's BlockView
+    image_features = block_type.image_features
+
+    def counted(block, images):
+        image_passes.append(block)
+        return image_features(block, images)
+
+    monkeypatch.setattr(block_type, "image_features", counted)
+    method.eval()
+    _, checks = method.inference_diagnostics(
+        x,
+        y,
+        3,
+        PosteriorSolver(),
+        torch.Generator().manual_seed(1),
+        torch.Generator().manual_seed(2),
+    )
+    assert len(image_passes) == 3  # a whole block call (z, x) would pass the image again
+    monkeypatch.undo()
+    by_hand, u_y = torch.Generator().manual_seed(2), method.embedding(y)
+    with torch.no_grad():
+        expected_q = []
+        for t in range(3):
+            ab = method.alpha_bars[t]
+            z = ab.sqrt() * u_y + (1 - ab).sqrt() * torch.randn(u_y.shape, generator=by_hand)
+            expected_q.append(method.blocks[t](z, x).argmax(1) == y)
+        noise = torch.randn(u_y.shape, generator=by_hand)
+        expected_noise = method.blocks[2](noise, x).argmax(1) == y
+    assert torch.equal(checks["block_acc_q"], torch.stack(expected_q))
+    assert torch.equal(checks["last_block_noise_acc"][0], expected_noise)
 
 
 def test_checks_on_the_first_images_leave_every_read_out_as_a_full_pass(tiny_config):

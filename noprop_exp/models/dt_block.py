@@ -45,7 +45,16 @@ class DTBlock(nn.Module):
             nn.Linear(128, num_classes),
         )
 
-    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+    def image_features(self, x: Tensor) -> Tensor:
+        """The image branch alone: it does not depend on z, so inference computes it once per
+        block and the per-block checks reuse it."""
+        return self.image_branch(x)
+
+    def from_features(self, z: Tensor, features: Tensor) -> Tensor:
+        """Logits given precomputed image features."""
         h = self.label_stem(z)
         h = h + self.label_residual(h)
-        return self.head(torch.cat([self.image_branch(x), h], dim=1))
+        return self.head(torch.cat([features, h], dim=1))
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.from_features(z, self.image_features(x))

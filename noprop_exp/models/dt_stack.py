@@ -208,8 +208,9 @@ def run_block(module: nn.Module, index: int, x: Tensor) -> Tensor:
 
 
 class DTStack(nn.Module):
-    """T `DTBlock`s stacked: `forward` gives all blocks' logits for one minibatch at once,
-    `block_logits` one block's alone (what inference, which goes block by block, needs).
+    """T `DTBlock`s stacked: `forward` gives all blocks' logits for one minibatch at once, the
+    per-block views (`BlockView`) one block's alone (what inference, which goes block by block,
+    needs).
 
     Built from T blocks, whose weights it copies; the blocks themselves are not kept. Indexing,
     `len` and iteration give per-block views (`BlockView`), so code written for a list of
@@ -255,24 +256,27 @@ class DTStack(nn.Module):
         h = h + self.label_residual(h)
         return self.head(torch.cat([self.image_branch(x), h], dim=2)).transpose(0, 1)
 
-    def block_logits(self, index: int, z: Tensor, x: Tensor) -> Tensor:
-        """Block `index` (0-based) alone: z (B, *z_shape), x (B, C, H, W) -> logits (B, m)."""
-        h = run_block(self.label_stem, index, z)
-        h = h + run_block(self.label_residual, index, h)
-        image = run_block(self.image_branch, index, x)
-        return run_block(self.head, index, torch.cat([image, h], dim=1))
-
 
 class BlockView(nn.Module):
-    """Block `index` of a `DTStack`, called like a DTBlock: (z, x) -> logits. Holds no weights."""
+    """Block `index` of a `DTStack`, used like a DTBlock: (z, x) -> logits, `image_features`,
+    `from_features`. Holds no weights."""
 
     def __init__(self, stack: DTStack, index: int) -> None:
         super().__init__()
         self.index = index
         self._stack = (stack,)  # a tuple, so that nn.Module does not register it as a child
 
+    def image_features(self, x: Tensor) -> Tensor:
+        return run_block(self._stack[0].image_branch, self.index, x)
+
+    def from_features(self, z: Tensor, features: Tensor) -> Tensor:
+        stack = self._stack[0]
+        h = run_block(stack.label_stem, self.index, z)
+        h = h + run_block(stack.label_residual, self.index, h)
+        return run_block(stack.head, self.index, torch.cat([features, h], dim=1))
+
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
-        return self._stack[0].block_logits(self.index, z, x)
+        return self.from_features(z, self.image_features(x))
 
     def extra_repr(self) -> str:
         return f"index={self.index}"

@@ -3,7 +3,7 @@ label."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +80,6 @@ class NoPropDT(Method):
     def default_steps(self) -> int:
         return self.num_blocks
 
-    def denoise(self, block: int, z: Tensor, x: Tensor) -> Tensor:
-        """Block `block` (1-based) predicts the clean embedding as a convex mix of W's rows."""
-        return self.embedding.mix(F.softmax(self.blocks[block - 1](z, x), dim=1))
-
     def block_losses(self, x: Tensor, y: Tensor) -> Tensor:
         """The denoising terms of the blocks trained here (all T, unless block-parallel); term
         t depends on block t's parameters (and W) only."""
@@ -129,6 +125,18 @@ class NoPropDT(Method):
     def trajectory(
         self, x: Tensor, steps: int, solver: Solver, generator: torch.Generator | None = None
     ) -> Tensor:
+        return self._chain(x, steps, solver, generator)
+
+    def _chain(
+        self,
+        x: Tensor,
+        steps: int,
+        solver: Solver,
+        generator: torch.Generator | None,
+        observe: Callable[[int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """The inference chain's read-outs at every step. `observe(t, features, logits)`, when
+        given, sees each call of block t (0-based): its image features and its logits."""
         if steps != self.num_blocks:
             raise ValueError(
                 f"variant=dt infers with its {self.num_blocks} blocks: set eval.steps=null "
@@ -138,14 +146,21 @@ class NoPropDT(Method):
         solver = solver.fresh()
         z = torch.randn((x.shape[0], *self.embedding.z_shape), device=x.device, generator=generator)
         scores = [self.readout(z)]
-        for t in range(1, steps + 1):
-            # Block t carries z_{t-1} to z_t: the solver sees it as the denoiser of that step.
+        for t, block in enumerate(self.blocks):
+            features = block.image_features(x)
+
+            def denoise(z: Tensor, _: Tensor, t: int = t, block=block, features=features) -> Tensor:
+                """Block t+1 predicts the clean embedding as a convex mix of W's rows."""
+                logits = block.from_features(z, features)
+                if observe is not None:
+                    observe(t, features, logits)
+                return self.embedding.mix(F.softmax(logits, dim=1))
+
+            # Block t+1 carries z_t to z_{t+1}: the solver sees it as the denoiser of that step.
             dynamics = Dynamics(
-                denoise=lambda z, _, t=t: self.denoise(t, z, x),
-                alpha_bar=self.schedule.alpha_bar,
-                source="variant dt",
+                denoise=denoise, alpha_bar=self.schedule.alpha_bar, source="variant dt"
             )
-            z = solver.step(dynamics, z, grid[t - 1], grid[t], generator)
+            z = solver.step(dynamics, z, grid[t], grid[t + 1], generator)
             scores.append(self.readout(z))
         return torch.stack(scores)
 
@@ -164,37 +179,37 @@ class NoPropDT(Method):
         z_{t-1} ~ q(z_{t-1} | y) as in training, and `last_block_noise_acc` (1, B): block T given
         z ~ N(0, I) (is it a plain classifier of x?). The q draws use the labels: they check how
         each block was trained, not inference."""
-        # Hooks, rather than a copy of the inference loop, so the chain checked is exactly the
-        # one `trajectory` runs, whatever the solver.
-        captured: list[list[Tensor]] = [[] for _ in self.blocks]
-        handles = [
-            block.register_forward_hook(lambda _m, _in, out, t=t: captured[t].append(out))
-            for t, block in enumerate(self.blocks)
-        ]
-        try:
-            scores = self.trajectory(x, steps, solver, generator)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(len(calls) != 1 for calls in captured):
+        # The chain itself reports what each block saw, so the chain checked is exactly the one
+        # `trajectory` runs, whatever the solver, and the checks reuse its image features (the
+        # bulk of a block's cost).
+        features: list[Tensor | None] = [None] * self.num_blocks
+        calls: list[list[Tensor]] = [[] for _ in range(self.num_blocks)]
+
+        def observe(t: int, block_features: Tensor, logits: Tensor) -> None:
+            features[t] = block_features
+            calls[t].append(logits)
+
+        scores = self._chain(x, steps, solver, generator, observe)
+        if any(len(c) != 1 for c in calls):
             raise RuntimeError(
                 "the per-block checks expect each DT block to be called once per inference "
-                f"step; calls per block were {[len(c) for c in captured]}"
+                f"step; calls per block were {[len(c) for c in calls]}"
             )
         u_y = self.embedding(y)
-        chain = torch.stack([calls[0].argmax(-1) == y for calls in captured])
+        chain = torch.stack([c[0].argmax(-1) == y for c in calls])
         q = torch.stack(
             [
-                self.blocks[t](sample_q(u_y, self.alpha_bars[t], check_generator), x).argmax(-1)
-                == y
-                for t in range(self.num_blocks)
+                block.from_features(sample_q(u_y, self.alpha_bars[t], check_generator), features[t])
+                .argmax(-1)
+                .eq(y)
+                for t, block in enumerate(self.blocks)
             ]
         )
         noise = torch.randn(u_y.shape, device=x.device, generator=check_generator)
-        last_on_noise = (self.blocks[-1](noise, x).argmax(-1) == y).unsqueeze(0)
+        last_on_noise = self.blocks[-1].from_features(noise, features[-1]).argmax(-1) == y
         checks = {
             "block_acc_chain": chain,
             "block_acc_q": q,
-            "last_block_noise_acc": last_on_noise,
+            "last_block_noise_acc": last_on_noise.unsqueeze(0),
         }
         return scores, checks
