@@ -126,9 +126,16 @@ def snr_range(schedule: NoiseSchedule, device: torch.device) -> Tensor:
     return ends[1] - ends[0]
 
 
-def sample_q(u_y: Tensor, alpha_bar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """z ~ q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I); alpha_bar broadcasts over z."""
-    noise = torch.randn(u_y.shape, device=u_y.device, dtype=u_y.dtype, generator=generator)
+def sample_q(
+    u_y: Tensor,
+    alpha_bar: Tensor,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """z ~ q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I); alpha_bar broadcasts over z.
+    `noise`: the standard normal draw, when the caller has drawn it already."""
+    if noise is None:
+        noise = torch.randn(u_y.shape, device=u_y.device, dtype=u_y.dtype, generator=generator)
     return alpha_bar.sqrt() * u_y + (1 - alpha_bar).sqrt() * noise
 
 

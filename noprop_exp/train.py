@@ -55,7 +55,7 @@ from noprop_exp.precision import autocast, precision_on
 from noprop_exp.resume import command_line_keys, plan_run
 from noprop_exp.tracking import tracked_run, untracked
 from noprop_exp.validation import check_run_config, check_search_objective
-from noprop_exp.variants.base import Diagnostics, Method
+from noprop_exp.variants.base import Diagnostics, Loss, Method
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,27 @@ def train_step(
             return main
         loss, diagnostics = item
         optimizer.zero_grad(set_to_none=True)
-        parallel.scale(loss).backward()
+        total = backward(loss, parallel, precision, x.device)
         parallel.after_backward()
         optimizer.step()
         if main is None:
-            main = (loss.detach(), diagnostics)
+            main = (total, diagnostics)
+
+
+def backward(loss: Loss, parallel: SingleProcess, precision: str, device: torch.device) -> Tensor:
+    """Backpropagate a loss, or each term of a lazily computed sum as it comes (its forward
+    under autocast); returns the (detached) loss."""
+    if isinstance(loss, Tensor):
+        parallel.scale(loss).backward()
+        return loss.detach()
+    total = None
+    while True:
+        with autocast(precision, device):
+            term = next(loss, None)
+        if term is None:
+            return total
+        parallel.scale(term).backward()
+        total = term.detach() if total is None else total + term.detach()
 
 
 def synchronize(device: torch.device) -> None:

@@ -121,3 +121,79 @@ def test_wrong_step_count_and_learned_schedule_are_rejected(dt, tiny_config):
     cfg, _ = tiny_config("noise_schedule=learned")
     with pytest.raises(ValueError, match="fixed noise schedule"):
         assemble(cfg, torch.device("cpu"))
+
+
+class SavedActivations:
+    """The bytes autograd holds for backward at once, at most: each saved tensor counts from
+    when its op saves it until its graph is freed (by backward, or by being dropped)."""
+
+    def __init__(self) -> None:
+        self.alive = self.peak = 0
+
+    def pack(self, tensor: torch.Tensor) -> Saved:
+        return Saved(self, tensor)
+
+    def unpack(self, saved: Saved) -> torch.Tensor:
+        return saved.tensor
+
+
+class Saved:
+    def __init__(self, counter: SavedActivations, tensor: torch.Tensor) -> None:
+        self.counter, self.tensor = counter, tensor
+        self.size = tensor.numel() * tensor.element_size()
+        counter.alive += self.size
+        counter.peak = max(counter.peak, counter.alive)
+
+    def __del__(self) -> None:
+        self.counter.alive -= self.size
+
+
+def main_step_gradients(method: NoPropDT, x, y) -> tuple[dict, dict, int]:
+    """The gradients, diagnostics and peak of saved activations of the minibatch's main step,
+    backpropagated as the training loop does."""
+    from noprop_exp.distributed import ONE_PROCESS, SingleProcess
+    from noprop_exp.train import backward
+
+    method.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    counter = SavedActivations()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        loss, diagnostics = next(method.update_losses(x, y))
+        total = backward(loss, SingleProcess(ONE_PROCESS, method), "fp32", x.device)
+    grads = {name: p.grad.clone() for name, p in method.named_parameters() if p.grad is not None}
+    return grads, {"total": total, **diagnostics}, counter.peak
+
+
+def test_a_backward_per_block_gives_the_joint_gradients_and_holds_one_block_at_a_time(
+    tiny_config,
+):
+    torch.manual_seed(0)
+    cfg, _ = tiny_config("variant.method.num_blocks=6", "embedding=learned")
+    parts = assemble(cfg, torch.device("cpu"))
+    method, data = parts.method, parts.data
+    x, y = data.train_x[:64], data.train_y[:64]
+    method.train()
+    joint_grads, joint_logged, joint_peak = main_step_gradients(method, x, y)
+    method.backward = "per_block"
+    grads, logged, peak = main_step_gradients(method, x, y)
+    assert grads.keys() == joint_grads.keys()  # every block, the head and W
+    for name in grads:
+        torch.testing.assert_close(grads[name], joint_grads[name], rtol=1e-5, atol=1e-7)
+    assert logged.keys() == joint_logged.keys()
+    for name in logged:
+        torch.testing.assert_close(logged[name], joint_logged[name])
+    # Six blocks' activations at once against one block's (and the head's, which is tiny).
+    assert peak < joint_peak / 4, (peak, joint_peak)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["variant.method.backward=blockwise"], "must be joint or per_block"),
+        (["variant.method.backward=per_block", "variant.method.fused=true"], "fused=false"),
+    ],
+)
+def test_a_backward_mode_that_cannot_work_is_refused(tiny_config, overrides, message):
+    cfg, _ = tiny_config(*overrides)
+    with pytest.raises(ValueError, match=message):
+        assemble(cfg, torch.device("cpu"))

@@ -20,6 +20,10 @@ from noprop_exp.schedules import NoiseSchedule
 from noprop_exp.solvers import Dynamics, Solver, solve
 
 Diagnostics = dict[str, Tensor]
+# What one optimiser step minimises: a loss, or the terms of a sum, computed one by one as the
+# loop asks for them, so that each term's graph is freed by its backward before the next one is
+# built (NoProp-DT's backward per block: memory that does not grow with T).
+Loss = Tensor | Iterator[Tensor]
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Method(nn.Module):
         """The examples of this process (`examples`) of each minibatch-sized tensor."""
         return tuple(tensor[self.examples] for tensor in tensors)
 
-    def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
+    def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Loss, Diagnostics]]:
         """Losses for one minibatch, each minimised by its own optimiser step, in order.
 
         Most methods yield one loss. NoProp-DT yields extra head-only losses to keep the paper's

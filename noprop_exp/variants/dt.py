@@ -15,7 +15,7 @@ from noprop_exp.models.dt_stack import DTStack
 from noprop_exp.models.head import LinearHead
 from noprop_exp.schedules import LearnedSchedule
 from noprop_exp.solvers import Dynamics, Solver
-from noprop_exp.variants.base import Diagnostics, Method, Parts
+from noprop_exp.variants.base import Diagnostics, Loss, Method, Parts
 
 
 class NoPropDT(Method):
@@ -28,6 +28,10 @@ class NoPropDT(Method):
     `fused`: the T blocks live in one `DTStack` and one forward computes all their logits
     (grouped convolutions, batched matmuls) instead of T block forwards in turn. Same maths, same
     random draws; backbone=cnn only. `blocks[t]` is then a view of block t of the stack.
+
+    `backward`: `joint` backpropagates the sum of the T terms at once; `per_block` (ours) each
+    block's term as soon as it is computed, so only one block's activations are held at a time
+    and training memory does not grow with T (the paper's Table 2). Same gradients, same draws.
     """
 
     name = "dt"
@@ -40,8 +44,18 @@ class NoPropDT(Method):
         eta: float = 0.1,
         head_updates: int = 10,
         fused: bool = False,
+        backward: str = "joint",
     ) -> None:
         super().__init__()
+        if backward not in ("joint", "per_block"):
+            raise ValueError(
+                f"variant.method.backward must be joint or per_block, got {backward!r}"
+            )
+        if fused and backward == "per_block":
+            raise ValueError(
+                "variant.method.backward=per_block computes the blocks one by one, which the "
+                "fused stack exists to avoid: use variant.method.fused=false with it"
+            )
         if isinstance(parts.schedule, LearnedSchedule):
             raise ValueError(
                 "variant=dt uses a fixed noise schedule: choose noise_schedule=cosine or linear"
@@ -54,6 +68,7 @@ class NoPropDT(Method):
         self.embedding = parts.embedding
         self.schedule = parts.schedule
         self.fused = fused
+        self.backward = backward
         blocks = [
             DTBlock(parts.backbone, parts.image_shape, self.embedding.z_shape, parts.num_classes)
             for _ in range(num_blocks)
@@ -80,14 +95,18 @@ class NoPropDT(Method):
     def default_steps(self) -> int:
         return self.num_blocks
 
+    def block_noise(self, u_y: Tensor) -> Tensor:
+        """The standard normal draws of z_{t-1} ~ q(z_{t-1} | y) for every block t, at once:
+        (T, B, *z_shape); drawn for all T even when this process trains a share, so that all
+        processes, and both backward modes, draw alike."""
+        return torch.randn((self.num_blocks, *u_y.shape), device=u_y.device, dtype=u_y.dtype)
+
     def block_losses(self, x: Tensor, y: Tensor) -> Tensor:
         """The denoising terms of the blocks trained here (all T, unless block-parallel); term
         t depends on block t's parameters (and W) only."""
         u_y = self.embedding(y)
-        # z_{t-1} ~ q(z_{t-1} | y) for every block t, drawn at once: (T, B, *z_shape); drawn
-        # for all T even when this process trains a share, so all processes draw alike.
         alpha_bar = self.alpha_bars[:-1].view(-1, *[1] * u_y.dim())
-        z_prev = sample_q(u_y.expand(self.num_blocks, *u_y.shape), alpha_bar)
+        z_prev = sample_q(u_y, alpha_bar, noise=self.block_noise(u_y))
         if self.fused:
             logits = self.blocks(z_prev, x)
         else:
@@ -99,6 +118,22 @@ class NoPropDT(Method):
         errors = (u_hat - u_y).flatten(2).pow(2).sum(2)  # (T, B): ||u_hat_t - u_y||^2
         return self.block_weights[self.owned.start : self.owned.stop] * errors.mean(1)
 
+    def block_terms(self, x: Tensor, y: Tensor, diagnostics: Diagnostics) -> Iterator[Tensor]:
+        """`block_losses` one block at a time, then the head loss: the terms of the main loss
+        for `backward=per_block`. Each term embeds y afresh, since the previous term's backward
+        freed its graph; each is recorded in `diagnostics` as it is computed."""
+        noise = self.block_noise(self.embedding(y).detach())
+        for t in self.owned:
+            u_y = self.embedding(y)
+            z_prev = sample_q(u_y, self.alpha_bars[t], noise=noise[t])
+            u_hat = self.embedding.mix(F.softmax(self.blocks[t](z_prev, x), dim=-1))
+            term = self.block_weights[t] * (u_hat - u_y).flatten(1).pow(2).sum(1).mean()
+            diagnostics[f"loss/block_{t + 1}"] = term.detach()
+            yield term
+        head = self.head_share * self.head_loss(y)
+        diagnostics["loss/head"] = head.detach()
+        yield head
+
     def head_loss(self, y: Tensor) -> Tensor:
         """Cross-entropy of the linear head on z_T ~ q(z_T | y), plus the KL term."""
         u_y = self.embedding(y)
@@ -109,14 +144,19 @@ class NoPropDT(Method):
     def optimizer_steps_per_minibatch(self) -> int:
         return self.head_updates
 
-    def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Diagnostics]]:
-        blocks = self.block_losses(x, y)
-        head = self.head_share * self.head_loss(y)
-        diagnostics = {
-            f"loss/block_{t + 1}": term.detach() for t, term in zip(self.owned, blocks, strict=True)
-        }
-        diagnostics["loss/head"] = head.detach()
-        yield blocks.sum() + head, diagnostics
+    def update_losses(self, x: Tensor, y: Tensor) -> Iterator[tuple[Loss, Diagnostics]]:
+        if self.backward == "per_block":
+            diagnostics: Diagnostics = {}
+            yield self.block_terms(x, y, diagnostics), diagnostics
+        else:
+            blocks = self.block_losses(x, y)
+            head = self.head_share * self.head_loss(y)
+            diagnostics = {
+                f"loss/block_{t + 1}": term.detach()
+                for t, term in zip(self.owned, blocks, strict=True)
+            }
+            diagnostics["loss/head"] = head.detach()
+            yield blocks.sum() + head, diagnostics
         # Algorithm 1 updates the head with every block; these steps keep that ratio cheaply.
         for _ in range(self.head_updates - 1):
             yield self.head_share * self.head_loss(y), {}
