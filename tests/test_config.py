@@ -78,6 +78,13 @@ def test_paper_preset_sets_the_papers_settings(compose_config):
     assert cfg.eval.repeats == 5
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "cifar100"])
+def test_paper_dt_presets_train_block_by_block(compose_config, dataset):
+    """As the paper trains them, and as its Table 2 measures DT's memory."""
+    cfg, _ = compose_config([f"experiment=paper/{dataset}_dt"])
+    assert cfg.variant.method.backward == "per_block" and not cfg.variant.method.fused
+
+
 def test_small_presets_compose_from_the_main_config_tree(compose_config):
     cfg, choices = compose_config(["experiment=small/mnist_ct"])
     assert choices["experiment"] == "small/mnist_ct"
