@@ -373,14 +373,19 @@ def test_ct_defaults_and_paper_presets(compose_config):
             )
 
 
-def test_the_recipe_preset_is_the_paper_preset_with_uniformly_weighted_t(compose_config):
-    """...in fp32, the precision it was verified in."""
+def test_the_recipe_preset_is_the_paper_preset_with_uniformly_weighted_t_and_a_cosine_rate(
+    compose_config,
+):
+    """...for 5 epochs in fp32, as it was verified."""
     paper, _ = compose_config(["experiment=paper/mnist_ct"])
     recipe, choices = compose_config(["experiment=recipe/mnist_ct"])
-    assert paper.variant.method.loss_weight == "snr_prime"  # the paper presets stay faithful
-    assert recipe.variant.method.loss_weight == "uniform"
+    # The paper presets stay faithful.
+    assert (paper.variant.method.loss_weight, paper.train.lr_schedule) == ("snr_prime", "constant")
+    assert (recipe.variant.method.loss_weight, recipe.train.lr_schedule) == ("uniform", "cosine")
     assert (paper.train.precision, recipe.train.precision) == ("auto", "fp32")
-    recipe.variant.method.loss_weight, recipe.train.precision = "snr_prime", "auto"
+    assert (paper.train.epochs, recipe.train.epochs) == (100, 5)
+    recipe.variant.method.loss_weight, recipe.train.lr_schedule = "snr_prime", "constant"
+    recipe.train.precision, recipe.train.epochs = "auto", 100
     assert recipe == paper and choices["experiment"] == "recipe/mnist_ct"
 
 
