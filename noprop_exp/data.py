@@ -37,6 +37,20 @@ class DataSplits:
     num_classes: int
     val_x: Tensor | None = None
     val_y: Tensor | None = None
+    # dataset.train_storage=uint8 (ours): the training images stay uint8 (N, C, H, W), 4x smaller
+    # on the device, and are normalised per minibatch with these per-channel (mean, std).
+    train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def train_images(self, images: Tensor) -> Tensor:
+        """Training images as the model sees them, normalised float32, however they are stored."""
+        return images if self.train_stats is None else _scale(images, *self.train_stats)
+
+    def train_minibatches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled pass over the training split (`minibatches`), normalised per batch."""
+        for x, y in minibatches(self.train_x, self.train_y, batch_size, generator):
+            yield self.train_images(x), y
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         """(images, labels) of the "test" or "val" split; ValueError when there is no val split."""
@@ -149,15 +163,20 @@ def mnist(
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
     val_size: int = 0,
+    train_storage: str = "float32",
 ) -> DataSplits:
     """MNIST (1x28x28, 10 classes), standard 60k/10k split, normalised with mean 0.1307 std 0.3081.
 
     `train_size` / `test_size`: None for the whole split, else a random subset drawn with
     `subset_seed`. `val_size` examples of the standard training split are held out first (also
     drawn with `subset_seed`), so the validation set does not change with `train_size`.
+    `train_storage`: `float32` (normalised once) or `uint8` (kept as pixels, normalised per
+    minibatch: the same values, a quarter of the memory).
     Raises `DatasetNotFoundError` when the files are absent and cannot be downloaded.
     """
-    return _load(_MNIST, root, train_size, test_size, download, subset_seed, device, val_size)
+    return _load(
+        _MNIST, root, train_size, test_size, download, subset_seed, device, val_size, train_storage
+    )
 
 
 def cifar10(
@@ -168,12 +187,23 @@ def cifar10(
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
     val_size: int = 0,
+    train_storage: str = "float32",
 ) -> DataSplits:
     """CIFAR-10 (3x32x32, 10 classes), standard 50k/10k split, per-channel normalisation.
 
     Arguments as for `mnist`.
     """
-    return _load(_CIFAR10, root, train_size, test_size, download, subset_seed, device, val_size)
+    return _load(
+        _CIFAR10,
+        root,
+        train_size,
+        test_size,
+        download,
+        subset_seed,
+        device,
+        val_size,
+        train_storage,
+    )
 
 
 def cifar100(
@@ -184,12 +214,23 @@ def cifar100(
     subset_seed: int = 0,
     device: str | torch.device = "cpu",
     val_size: int = 0,
+    train_storage: str = "float32",
 ) -> DataSplits:
     """CIFAR-100 (3x32x32, 100 fine classes), standard 50k/10k split, per-channel normalisation.
 
     Arguments as for `mnist`.
     """
-    return _load(_CIFAR100, root, train_size, test_size, download, subset_seed, device, val_size)
+    return _load(
+        _CIFAR100,
+        root,
+        train_size,
+        test_size,
+        download,
+        subset_seed,
+        device,
+        val_size,
+        train_storage,
+    )
 
 
 def _load(
@@ -201,7 +242,12 @@ def _load(
     subset_seed: int,
     device: str | torch.device,
     val_size: int,
+    train_storage: str,
 ) -> DataSplits:
+    if train_storage not in ("float32", "uint8"):
+        raise ValueError(
+            f"{source.key}: dataset.train_storage must be float32 or uint8, got {train_storage!r}"
+        )
     root_path = Path(root).expanduser().resolve()
     missing = source.missing(root_path)
     if missing:
@@ -236,21 +282,38 @@ def _load(
         index = _subset(len(labels), size, generator, "train" if train else "test", source.key)
         if index is not None:
             images, labels = images[index], labels[index]
-        splits.append((_normalise(images, source, device), labels.to(device)))
+        if train and train_storage == "uint8":
+            images = _channels_first(images, device)
+        else:
+            images = _normalise(images, source, device)
+        splits.append((images, labels.to(device)))
         num_classes = len(ds.classes)
     (train_x, train_y), (test_x, test_y) = splits
-    return DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes, *(val or ()))
+    splits = DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes, *(val or ()))
+    if train_storage == "uint8":
+        splits.train_stats = (source.mean, source.std)
+    return splits
 
 
 def _normalise(images: Tensor, source: _Source, device: str | torch.device) -> Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> normalised float32 (N, C, H, W), converted on `device`
     so that only the 4x smaller uint8 array crosses to it."""
+    return _scale(_channels_first(images, device), source.mean, source.std)
+
+
+def _channels_first(images: Tensor, device: str | torch.device) -> Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> uint8 (N, C, H, W) on `device`."""
     images = images.to(device)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    x = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-    mean = torch.tensor(source.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(source.std, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean).div_(std)
+    return images.contiguous()
+
+
+def _scale(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (N, C, H, W) pixels -> float32, / 255, normalised per channel."""
+    x = images.to(torch.float32).div_(255)
+    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
 
 
 def _gunzip_atomically(archive: Path, target: Path) -> None:

@@ -110,8 +110,9 @@ class PrototypeEmbedding(LabelEmbedding):
         """Medoids over a `per_class` random subsample of each class (drawn with `seed`; None for
         the whole class)."""
         generator = torch.Generator().manual_seed(seed)
-        index = medoid_indices(data.train_x, data.train_y, data.num_classes, per_class, generator)
-        return cls(data.train_x[index])
+        images = data.train_images(data.train_x)
+        index = medoid_indices(images, data.train_y, data.num_classes, per_class, generator)
+        return cls(images[index])
 
 
 def medoid_indices(

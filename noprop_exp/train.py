@@ -39,7 +39,7 @@ from noprop_exp.config import (  # importing registers the schema
     Precision,
 )
 from noprop_exp.console import announce, summary_line, timed
-from noprop_exp.data import DataSplits, minibatches
+from noprop_exp.data import DataSplits
 from noprop_exp.distributed import (
     ONE_PROCESS,
     WORLD_SIZE_PARAM,
@@ -265,7 +265,7 @@ def train(
                 resident = torch.cuda.memory_allocated(device)
             started = time.perf_counter()
             progress.unpause()  # the bar's rate counts training only, not the epoch's end
-            batches = minibatches(data.train_x, data.train_y, cfg.train.batch_size, shuffle)
+            batches = data.train_minibatches(cfg.train.batch_size, shuffle)
             for x, y in itertools.islice(batches, loop.step, None):
                 step = loop.step
                 done = (epoch - 1) * batches_per_epoch + step

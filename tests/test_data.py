@@ -489,3 +489,40 @@ def test_runs_extracting_the_same_archive_at_once_both_succeed(fake_mnist, monke
     expected = torch.as_tensor(raw["train_x"]).float().div(255).sub(0.1307).div(0.3081)
     torch.testing.assert_close(splits.train_x[:, 0], expected)
     assert not [p.name for p in (root / "MNIST" / "raw").iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_uint8_training_storage_holds_pixels_and_gives_the_float32_minibatches(
+    tmp_path: Path, fake_mnist, skip_md5, dataset: str
+) -> None:
+    if dataset == "mnist":
+        root, raw = fake_mnist
+        pixels = raw["train_x"][:, None]
+    else:
+        root = tmp_path / "cifar"
+        pixels = write_cifar(root, cifar100=False)["train_x"].reshape(-1, 3, 32, 32)
+    load = getattr(data, dataset)
+    floats = load(str(root), download=False, val_size=2)
+    stored = load(str(root), download=False, val_size=2, train_storage="uint8")
+    assert stored.train_x.dtype == torch.uint8 and stored.image_shape == floats.image_shape
+    # The same examples as float32 storage (the validation split held out alike), as pixels.
+    assert torch.equal(stored.train_y, floats.train_y)
+    assert set(stored.train_x.unique().tolist()) <= set(np.unique(pixels).tolist())
+    # Normalised per batch, they are the float32 storage's values exactly, not approximately.
+    assert torch.equal(stored.train_images(stored.train_x), floats.train_x)
+    assert torch.equal(stored.val_x, floats.val_x) and torch.equal(stored.test_x, floats.test_x)
+    seen = 0
+    for (x, y), (x_float, y_float) in zip(
+        stored.train_minibatches(3, torch.Generator().manual_seed(4)),
+        floats.train_minibatches(3, torch.Generator().manual_seed(4)),
+        strict=True,
+    ):
+        assert x.dtype == torch.float32 and torch.equal(x, x_float) and torch.equal(y, y_float)
+        seen += len(y)
+    assert seen == len(floats.train_y)
+
+
+def test_an_unknown_training_storage_is_refused(fake_mnist) -> None:
+    root, _ = fake_mnist
+    with pytest.raises(ValueError, match="train_storage must be float32 or uint8"):
+        data.mnist(str(root), download=False, train_storage="float16")

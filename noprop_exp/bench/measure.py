@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 
 from noprop_exp import train
 from noprop_exp.assemble import Assembled
-from noprop_exp.data import minibatches
 from noprop_exp.distributed import SingleProcess
 from noprop_exp.precision import autocast
 
@@ -50,7 +49,7 @@ def endless_batches(assembled: Assembled, batch_size: int, seed: int) -> Iterato
         )
     generator = torch.Generator(device=data.train_x.device).manual_seed(seed)
     while True:
-        for x, y in minibatches(data.train_x, data.train_y, batch_size, generator):
+        for x, y in data.train_minibatches(batch_size, generator):
             if len(y) == batch_size:
                 yield x, y
 
