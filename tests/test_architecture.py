@@ -11,8 +11,12 @@ from noprop_exp.models.backbones import PaperCNN, ResNet
 from noprop_exp.models.ct_net import CTNetwork
 from noprop_exp.models.dt_block import DTBlock
 
-# §6, one token per layer; "+" is the residual addition, which is no module.
-IMAGE_BRANCH = "conv32 relu pool drop0.2 conv64 relu drop0.2 conv128 relu pool drop0.2 fc256"
+# §6, one token per layer; "+" is the residual addition, which is no module. Each max-pool runs
+# before its ReLU rather than after (the same function: see the test below).
+FIGURE_6_IMAGE_BRANCH = (
+    "conv32 relu pool drop0.2 conv64 relu drop0.2 conv128 relu pool drop0.2 fc256"
+)
+IMAGE_BRANCH = "conv32 pool relu drop0.2 conv64 relu drop0.2 conv128 pool relu drop0.2 fc256"
 DT_BLOCK = {
     "label_stem": "fc256 bn relu",
     "label_residual": "fc256 bn relu fc256 bn",
@@ -93,3 +97,27 @@ def test_resnet_stems_small_keeps_the_image_size_imagenet_is_torchvisions(stem, 
     assert net.net.conv1.kernel_size == ((7, 7) if stem == "imagenet" else (3, 3))
     with pytest.raises(ValueError, match=r"backbone\.stem=.cifar. is not one of"):
         ResNet((1, 28, 28), stem="cifar")
+
+
+def test_the_image_branch_computes_figure_6s_conv_relu_pool_exactly():
+    """The same layers in Figure 6's order (ReLU before each pool) give the same features and
+    the same gradients."""
+    torch.manual_seed(0)
+    cnn = PaperCNN((1, 28, 28)).eval()  # eval: without dropout's random masks
+    layers = list(cnn.features)
+    our_order = [type(m).__name__ for m in layers]
+    assert our_order[1:3] == ["MaxPool2d", "ReLU"] and our_order[8:10] == our_order[1:3]
+    layers[1], layers[2], layers[8], layers[9] = layers[2], layers[1], layers[9], layers[8]
+    as_drawn = nn.Sequential(*layers)
+    assert " ".join(filter(None, map(token, [*as_drawn, cnn.fc]))) == FIGURE_6_IMAGE_BRANCH
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    cnn.double()
+    ours, drawn = cnn.features(x), as_drawn(x)
+    assert torch.equal(ours, drawn)
+    weights = [cnn.features[0].weight, cnn.features[7].weight]
+    torch.testing.assert_close(
+        torch.autograd.grad(ours.square().sum(), weights),
+        torch.autograd.grad(drawn.square().sum(), weights),
+        rtol=0,
+        atol=0,
+    )

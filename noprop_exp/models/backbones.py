@@ -27,20 +27,22 @@ class PaperCNN(nn.Module):
     ) -> None:
         super().__init__()
         channels, height, width = image_shape
-        # In-place ReLUs: a convolution's backward needs its input, not its output, so the output
-        # can be overwritten; it saves a buffer the size of each feature map (DT inference on
-        # the 2-core CPU: 2.58 s against 3.15 s for 1,000 images through 10 blocks, bf16).
+        # Figure 6 has conv-ReLU-pool; here each pool runs before its ReLU: max and ReLU commute
+        # (ReLU is monotone), so values and gradients are the same (tests/test_architecture.py),
+        # and the ReLU reads a quarter of the map. The ReLUs are in place: neither a convolution's
+        # nor a max-pool's backward needs its output. Together they made DT inference on the
+        # 2-core CPU 1.5x faster (1,000 images through 10 blocks, bf16: 3.15 s -> 2.04 s).
         self.features = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1),
-            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Conv2d(32, 64, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Conv2d(64, 128, 3, padding=1),
-            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Flatten(),
         )
