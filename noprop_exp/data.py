@@ -40,6 +40,9 @@ class DataSplits:
     # dataset.train_storage=uint8 (ours): the training images stay uint8 (N, C, H, W), 4x smaller
     # on the device, and are normalised per minibatch with these per-channel (mean, std).
     train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # dataset.train_on_device=false (ours): the training split stays in host memory and each
+    # minibatch is copied to this device.
+    train_device: torch.device | None = None
 
     def train_images(self, images: Tensor) -> Tensor:
         """Training images as the model sees them, normalised float32, however they are stored."""
@@ -48,8 +51,12 @@ class DataSplits:
     def train_minibatches(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """One shuffled pass over the training split (`minibatches`), normalised per batch."""
+        """One shuffled pass over the training split (`minibatches`), each batch on the training
+        device and normalised."""
         for x, y in minibatches(self.train_x, self.train_y, batch_size, generator):
+            if self.train_device is not None:
+                x = x.to(self.train_device, non_blocking=True)
+                y = y.to(self.train_device, non_blocking=True)
             yield self.train_images(x), y
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
@@ -164,6 +171,7 @@ def mnist(
     device: str | torch.device = "cpu",
     val_size: int = 0,
     train_storage: str = "float32",
+    train_on_device: bool = True,
 ) -> DataSplits:
     """MNIST (1x28x28, 10 classes), standard 60k/10k split, normalised with mean 0.1307 std 0.3081.
 
@@ -171,12 +179,11 @@ def mnist(
     `subset_seed`. `val_size` examples of the standard training split are held out first (also
     drawn with `subset_seed`), so the validation set does not change with `train_size`.
     `train_storage`: `float32` (normalised once) or `uint8` (kept as pixels, normalised per
-    minibatch: the same values, a quarter of the memory).
+    minibatch: the same values, a quarter of the memory). `train_on_device=False` keeps the
+    training split in host memory (pinned for a GPU) and copies each minibatch to `device`.
     Raises `DatasetNotFoundError` when the files are absent and cannot be downloaded.
     """
-    return _load(
-        _MNIST, root, train_size, test_size, download, subset_seed, device, val_size, train_storage
-    )
+    return _load(_MNIST, **locals())  # locals(): exactly the arguments, before any other name
 
 
 def cifar10(
@@ -188,22 +195,13 @@ def cifar10(
     device: str | torch.device = "cpu",
     val_size: int = 0,
     train_storage: str = "float32",
+    train_on_device: bool = True,
 ) -> DataSplits:
     """CIFAR-10 (3x32x32, 10 classes), standard 50k/10k split, per-channel normalisation.
 
     Arguments as for `mnist`.
     """
-    return _load(
-        _CIFAR10,
-        root,
-        train_size,
-        test_size,
-        download,
-        subset_seed,
-        device,
-        val_size,
-        train_storage,
-    )
+    return _load(_CIFAR10, **locals())
 
 
 def cifar100(
@@ -215,22 +213,13 @@ def cifar100(
     device: str | torch.device = "cpu",
     val_size: int = 0,
     train_storage: str = "float32",
+    train_on_device: bool = True,
 ) -> DataSplits:
     """CIFAR-100 (3x32x32, 100 fine classes), standard 50k/10k split, per-channel normalisation.
 
     Arguments as for `mnist`.
     """
-    return _load(
-        _CIFAR100,
-        root,
-        train_size,
-        test_size,
-        download,
-        subset_seed,
-        device,
-        val_size,
-        train_storage,
-    )
+    return _load(_CIFAR100, **locals())
 
 
 def _load(
@@ -243,6 +232,7 @@ def _load(
     device: str | torch.device,
     val_size: int,
     train_storage: str,
+    train_on_device: bool,
 ) -> DataSplits:
     if train_storage not in ("float32", "uint8"):
         raise ValueError(
@@ -282,16 +272,22 @@ def _load(
         index = _subset(len(labels), size, generator, "train" if train else "test", source.key)
         if index is not None:
             images, labels = images[index], labels[index]
+        where = device if train_on_device or not train else "cpu"
         if train and train_storage == "uint8":
-            images = _channels_first(images, device)
+            images = _channels_first(images, where)
         else:
-            images = _normalise(images, source, device)
-        splits.append((images, labels.to(device)))
+            images = _normalise(images, source, where)
+        labels = labels.to(where)
+        if where != device and torch.device(device).type == "cuda":
+            images, labels = images.pin_memory(), labels.pin_memory()  # asynchronous copies
+        splits.append((images, labels))
         num_classes = len(ds.classes)
     (train_x, train_y), (test_x, test_y) = splits
     splits = DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes, *(val or ()))
     if train_storage == "uint8":
         splits.train_stats = (source.mean, source.std)
+    if not train_on_device:
+        splits.train_device = torch.device(device)
     return splits
 
 

@@ -526,3 +526,34 @@ def test_an_unknown_training_storage_is_refused(fake_mnist) -> None:
     root, _ = fake_mnist
     with pytest.raises(ValueError, match="train_storage must be float32 or uint8"):
         data.mnist(str(root), download=False, train_storage="float16")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "meta",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_a_training_split_kept_on_the_host_reaches_the_device_batch_by_batch(
+    fake_mnist, device: str
+) -> None:
+    """`meta` stands in for a device other than the host where there is no GPU: tensors there
+    have shapes and dtypes but no memory."""
+    root, _ = fake_mnist
+    on_host = data.mnist(str(root), download=False, device=device, train_on_device=False)
+    assert on_host.train_x.device.type == on_host.train_y.device.type == "cpu"
+    assert on_host.test_x.device.type == device  # evaluation splits stay on the device
+    assert on_host.train_x.is_pinned() == (device == "cuda")
+    batches = list(on_host.train_minibatches(5, torch.Generator().manual_seed(0)))
+    assert [len(y) for _, y in batches] == [5, 5, 2]
+    assert all(x.device.type == y.device.type == device for x, y in batches)
+    assert all(x.dtype == torch.float32 and x.shape[1:] == (1, 28, 28) for x, _ in batches)
+    if device == "cuda":
+        on_device = data.mnist(str(root), download=False, device=device)
+        expected = on_device.train_minibatches(5, torch.Generator(device).manual_seed(0))
+        for (x, y), (x_expected, y_expected) in zip(batches, expected, strict=True):
+            assert torch.equal(x, x_expected) and torch.equal(y, y_expected)
