@@ -24,6 +24,13 @@ from noprop_exp.data import DatasetNotFoundError, minibatches
 from tests.conftest import MNIST_FILES, compose_run_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+# Devices other than the host: `meta` (shapes and dtypes, no memory) stands in where no GPU is.
+OTHER_DEVICES = [
+    "meta",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
 
 # Published normalisation constants, written out here independently of the module under test.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -361,16 +368,7 @@ def test_minibatches_deterministic_and_unshuffled() -> None:
     assert torch.cat([yb for _, yb in plain]).tolist() == list(range(23))
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "meta",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", OTHER_DEVICES)
 @pytest.mark.parametrize("seeded", [False, True])
 def test_minibatches_stay_on_device(device: str, seeded: bool) -> None:
     x, y = torch.empty(9, 3, device=device), torch.empty(9, dtype=torch.int64, device=device)
@@ -528,21 +526,10 @@ def test_an_unknown_training_storage_is_refused(fake_mnist) -> None:
         data.mnist(str(root), download=False, train_storage="float16")
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "meta",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", OTHER_DEVICES)
 def test_a_training_split_kept_on_the_host_reaches_the_device_batch_by_batch(
     fake_mnist, device: str
 ) -> None:
-    """`meta` stands in for a device other than the host where there is no GPU: tensors there
-    have shapes and dtypes but no memory."""
     root, _ = fake_mnist
     on_host = data.mnist(str(root), download=False, device=device, train_on_device=False)
     assert on_host.train_x.device.type == on_host.train_y.device.type == "cpu"
