@@ -272,23 +272,24 @@ def _load(
         index = _subset(len(labels), size, generator, "train" if train else "test", source.key)
         if index is not None:
             images, labels = images[index], labels[index]
-        where = device if train_on_device or not train else "cpu"
+        on_host = train and not train_on_device
+        where = "cpu" if on_host else device
         if train and train_storage == "uint8":
             images = _channels_first(images, where)
         else:
             images = _normalise(images, source, where)
         labels = labels.to(where)
-        if where != device and torch.device(device).type == "cuda":
+        if on_host and torch.device(device).type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()  # asynchronous copies
         splits.append((images, labels))
         num_classes = len(ds.classes)
     (train_x, train_y), (test_x, test_y) = splits
-    splits = DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes, *(val or ()))
+    loaded = DataSplits(source.key, train_x, train_y, test_x, test_y, num_classes, *(val or ()))
     if train_storage == "uint8":
-        splits.train_stats = (source.mean, source.std)
+        loaded.train_stats = (source.mean, source.std)
     if not train_on_device:
-        splits.train_device = torch.device(device)
-    return splits
+        loaded.train_device = torch.device(device)
+    return loaded
 
 
 def _normalise(images: Tensor, source: _Source, device: str | torch.device) -> Tensor:
