@@ -301,12 +301,12 @@ def train(
                 parallel.gather_model()
             if evaluate and world.is_main:
                 accuracies = {}
+                started_eval = time.perf_counter()
                 if data.val_y is not None:
                     held_out = split_accuracy(steps, "val")
                     accuracies |= {"val_acc": held_out.mean, "val_acc_se": held_out.se}
                 # The last evaluation reads out every step as well: the pictures draw from it.
                 final = cfg.eval.pictures and epoch == cfg.train.epochs
-                started_eval = time.perf_counter()
                 result = split_accuracy(steps, by_step=final)
                 metrics["time/eval_s"] = time.perf_counter() - started_eval
                 read_out = result.by_step

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from noprop_exp.models.backbones import PaperCNN, ResNet
+from noprop_exp.models.backbones import MaxPool2x2, PaperCNN, ResNet
 from noprop_exp.models.ct_net import CTNetwork
 from noprop_exp.models.dt_block import DTBlock
 
@@ -106,7 +107,7 @@ def test_the_image_branch_computes_figure_6s_conv_relu_pool_exactly():
     cnn = PaperCNN((1, 28, 28)).eval()  # eval: without dropout's random masks
     layers = list(cnn.features)
     our_order = [type(m).__name__ for m in layers]
-    assert our_order[1:3] == ["MaxPool2d", "ReLU"] and our_order[8:10] == our_order[1:3]
+    assert our_order[1:3] == ["MaxPool2x2", "ReLU"] and our_order[8:10] == our_order[1:3]
     layers[1], layers[2], layers[8], layers[9] = layers[2], layers[1], layers[9], layers[8]
     as_drawn = nn.Sequential(*layers)
     assert " ".join(filter(None, map(token, [*as_drawn, cnn.fc]))) == FIGURE_6_IMAGE_BRANCH
@@ -121,3 +122,27 @@ def test_the_image_branch_computes_figure_6s_conv_relu_pool_exactly():
         rtol=0,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 3, 7, 9)])
+def test_the_inference_max_pool_gives_max_pool2ds_values_without_running_it(
+    monkeypatch, shape, layout, dtype
+):
+    """Without a graph (inference), the strided maxima equal F.max_pool2d(x, 2) bit for bit,
+    odd edges dropped as floor mode does; with one, it is F.max_pool2d, gradients included."""
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+    expected = F.max_pool2d(x, 2)
+    pool = MaxPool2x2()
+    with monkeypatch.context() as patched:
+        patched.setattr(F, "max_pool2d", lambda *_: pytest.fail("ran the indexed max-pool"))
+        with torch.no_grad():
+            assert torch.equal(pool(x.requires_grad_()), expected)
+        x.requires_grad_(False)
+        assert torch.equal(pool(x), expected)
+    # Small integers tie often: a max-pool sends a tie's gradient to one input, maxima split it.
+    leaf = torch.randint(0, 3, shape, dtype=torch.float64).requires_grad_()
+    (ours,) = torch.autograd.grad(pool(leaf).square().sum(), leaf)
+    (theirs,) = torch.autograd.grad(F.max_pool2d(leaf, 2).square().sum(), leaf)
+    assert torch.equal(ours, theirs)

@@ -7,8 +7,31 @@ with `_target_` and `_partial_`, so the models can build as many independent cop
 
 from __future__ import annotations
 
+import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """nn.MaxPool2d(2), with a faster path for CPU inference.
+
+    The CPU's max-pool always computes the argmax indices its backward needs (int64, four times
+    the bytes of a bf16 output). Where no graph is recorded, two elementwise maxima over strided
+    views (rows, then columns) give the same values exactly, 1.7-2.4x faster on the 2-core CPU
+    (bf16, channels-last, 1,000 images of either pooled map). Under autograd, and on other
+    devices (not measured there), it is the ordinary max-pool.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return F.max_pool2d(x, 2)
+        height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode drops odd edges
+        rows = torch.maximum(x[..., 0:height:2, :width], x[..., 1:height:2, :width])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 class PaperCNN(nn.Module):
@@ -34,14 +57,14 @@ class PaperCNN(nn.Module):
         # 2-core CPU 1.5x faster (1,000 images through 10 blocks, bf16: 3.15 s -> 2.04 s).
         self.features = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Conv2d(32, 64, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Conv2d(64, 128, 3, padding=1),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Flatten(),
