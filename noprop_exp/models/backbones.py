@@ -7,6 +7,8 @@ with `_target_` and `_partial_`, so the models can build as many independent cop
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -130,7 +132,10 @@ def _final_layer(final: str, features: int) -> nn.Module:
 
 
 def label_stem(
-    z_shape: tuple[int, ...], backbone, width: int = 256, batchnorm: bool = True
+    z_shape: tuple[int, ...],
+    backbone: Callable[..., nn.Module],
+    width: int = 256,
+    batchnorm: bool = True,
 ) -> nn.Module:
     """First layer of a label branch: FC for vector z, a conv stem like the image's for image z.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "rk4")
 GridConstructor = Callable[[object, Tensor, Tensor], Tensor]
 
 
-def require_torchdiffeq():
+def require_torchdiffeq() -> ModuleType:
     """The torchdiffeq module, or an ImportError that says how to install it."""
     try:
         import torchdiffeq

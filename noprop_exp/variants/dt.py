@@ -189,7 +189,13 @@ class NoPropDT(Method):
         for t, block in enumerate(self.blocks):
             features = block.image_features(x)
 
-            def denoise(z: Tensor, _: Tensor, t: int = t, block=block, features=features) -> Tensor:
+            def denoise(
+                z: Tensor,
+                _: Tensor,
+                t: int = t,
+                block: nn.Module = block,
+                features: Tensor = features,
+            ) -> Tensor:
                 """Block t+1 predicts the clean embedding as a convex mix of W's rows."""
                 logits = block.from_features(z, features)
                 if observe is not None:
