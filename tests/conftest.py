@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from noprop_exp.config import compose
@@ -65,6 +66,8 @@ def missing_mnist() -> str | None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     if item.get_closest_marker("needs_mnist") is None or (reason := missing_mnist()) is None:
         return
     reason = (

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from noprop_exp.models.backbones import MaxPool2x2, PaperCNN, ResNet
+from noprop_exp.models.backbones import BitsDropout, MaxPool2x2, PaperCNN, ResNet
 from noprop_exp.models.ct_net import CTNetwork
 from noprop_exp.models.dt_block import DTBlock
 
@@ -146,3 +146,55 @@ def test_the_inference_max_pool_gives_max_pool2ds_values_without_running_it(
     (ours,) = torch.autograd.grad(pool(leaf).square().sum(), leaf)
     (theirs,) = torch.autograd.grad(F.max_pool2d(leaf, 2).square().sum(), leaf)
     assert torch.equal(ours, theirs)
+
+
+def dropped(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitsDropout(p) of `x` in training mode, and the keep mask read off its output."""
+    out = BitsDropout(p).train()(x)
+    return out, out != 0
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bits_dropout_drops_each_element_independently_with_probability_p(p, layout):
+    """Bernoulli(p) drops, i.i.d.: the drop rate overall and per channel, and the two 32-bit
+    halves of each 64-bit draw (neighbours in memory) dropped together at rate p^2."""
+    torch.manual_seed(0)
+    x = torch.ones(64, 32, 32, 32).contiguous(memory_format=layout)  # 2M elements
+    out, keep = dropped(x, p)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out.unique(), torch.tensor([0.0, 1 / (1 - p)]))  # kept: scaled
+    n = keep.numel()
+    rate = 1 - keep.float().mean().item()
+    assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5
+    per_channel = 1 - keep.float().mean((0, 2, 3))
+    assert (per_channel - p).abs().max() < 5 * (p * (1 - p) / (n / 32)) ** 0.5
+    in_memory = keep.permute(0, 2, 3, 1) if layout == torch.channels_last else keep
+    pairs = in_memory.reshape(-1, 2)  # the two halves of one 64-bit draw
+    both = (~pairs).all(1).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / (n / 2)) ** 0.5
+
+
+def test_bits_dropout_is_a_mask_times_scale_seeded_by_torch_and_nn_dropout_elsewhere():
+    x = torch.randn(16, 8, 6, 6, dtype=torch.bfloat16).requires_grad_()
+    torch.manual_seed(3)
+    out, keep = dropped(x, 0.2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, x * keep / 0.8, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    torch.testing.assert_close(grad, (keep / 0.8).to(torch.bfloat16), rtol=0, atol=0)
+    torch.manual_seed(3)
+    assert torch.equal(dropped(x, 0.2)[0], out)  # the global seed decides the masks
+    assert not torch.equal(dropped(x, 0.2)[0], out)  # and each call draws anew
+    strided = x.detach().transpose(1, 3)  # neither layout: made dense first, same shape
+    assert dropped(strided, 0.2)[0].shape == strided.shape
+    assert torch.equal(BitsDropout(0.2).eval()(x), x)  # evaluation: the identity
+    assert torch.equal(BitsDropout(0.0).train()(x), x)
+
+
+def test_dropout_masks_switch_picks_the_dropout_and_names_its_choices():
+    kinds = {type(m) for m in PaperCNN((1, 28, 28), dropout_masks="bernoulli").modules()}
+    assert nn.Dropout in kinds and BitsDropout not in kinds
+    assert BitsDropout in {type(m) for m in PaperCNN((1, 28, 28)).modules()}
+    with pytest.raises(ValueError, match=r"dropout_masks must be one of \['bits', 'bernoulli'\]"):
+        PaperCNN((1, 28, 28), dropout_masks="philox")

@@ -16,8 +16,6 @@ from noprop_exp.config import CONF_DIR, Precision
 from noprop_exp.precision import native_bf16, precision_on
 from noprop_exp.train import compile_networks, make_optimizer, train_step
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def test_smoke_run_prints_the_table_and_records_it(tmp_path, tracking_uri, capsys):
     out = tmp_path / "results" / "bench"
@@ -125,6 +123,71 @@ def test_vs_plain_measures_the_three_steps_side_by_side(tmp_path):
         bench.main([*options, "--variants", "backprop"])
 
 
+def test_switches_off_give_the_paper_cnn_pytorchs_own_dropout(compose_config):
+    cnn, _ = compose_config(["variant=ct"])
+    off = bench.versus.switches_off_overrides(cnn)
+    assert off == [*bench.versus.SWITCHES_OFF, "backbone.dropout_masks=bernoulli"]
+    resnet, _ = compose_config(["variant=ct", "backbone=resnet18"])  # no dropout to switch
+    assert bench.versus.switches_off_overrides(resnet) == list(bench.versus.SWITCHES_OFF)
+
+
+# A step of "another implementation" for --vs-step; it records its calls in a neighbour module,
+# which it imports as the code it times would be imported.
+STEP_FILE = """
+import torch
+
+from vs_step_calls import calls
+
+
+def make_step(cfg, device):
+    def step(x, y):
+        calls.append((cfg.variant.name, device.type, tuple(x.shape), tuple(y.shape)))
+        torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+
+    return step
+"""
+
+
+def test_vs_step_times_another_implementation_in_the_same_turns(tmp_path):
+    (tmp_path / "other_impl.py").write_text(STEP_FILE)
+    (tmp_path / "vs_step_calls.py").write_text("calls = []\n")
+    out = tmp_path / "bench"
+    options = ["--vs-plain", "--smoke", "--device", "cpu", "--out", str(out), "--rounds", "2"]
+    other = f"other={tmp_path / 'other_impl.py'}:make_step"
+    bench.main([*options, "--variants", "fm", "--vs-step", other])
+    from vs_step_calls import calls  # the file's folder is on sys.path, as `python FILE` puts it
+
+    row = pd.read_csv(out.parent / "bench-vs-plain.csv").iloc[0]
+    assert row["other_img_s"] > 0
+    assert row["suite_vs_other"] == pytest.approx(row["suite_img_s"] / row["other_img_s"])
+    assert row["spread"].count("-") == 4  # the other step has its range too
+    # smoke: 1 warm-up step, then 2 rounds of 2 timed steps, on the suite's minibatches
+    assert len(calls) == 1 + 2 * 2
+    variant, device, x_shape, y_shape = calls[0]
+    assert (variant, device) == ("fm", "cpu") and x_shape[0] == y_shape[0] and len(x_shape) == 4
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("seed", "takes NAME=FILE.py:FUNCTION"),
+        ("plain=x.py:f", "taken by a column"),
+        ("seed=no_such_file.py:make_step", "no file"),
+        ("seed=json:no_such_function", "defines no function 'no_such_function'"),
+    ],
+)
+def test_vs_step_says_what_is_wrong_with_it(spec, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--vs-plain", "--vs-step", spec])
+    assert message in capsys.readouterr().err
+
+
+def test_vs_step_needs_vs_plain(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--vs-step", "seed=json:loads"])
+    assert "add --vs-plain" in capsys.readouterr().err
+
+
 def test_time_to_target_is_skipped_when_one_epoch_exceeds_the_budget(tiny_config):
     cfg, choices = tiny_config()
     row = bench.Row("dt", train_img_s=1.0, target_acc=99.0)
@@ -230,7 +293,7 @@ def test_compiled_fused_step_matches_eager(tiny_config):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_bf16_fused_step_on_cuda(tiny_config):
     cfg, _ = tiny_config("device=cuda", "variant.method.fused=true", "train.precision=bf16")
     torch.manual_seed(0)
@@ -245,7 +308,7 @@ def test_bf16_fused_step_on_cuda(tiny_config):
     assert not torch.equal(before, parts.method.blocks.head[6].weight)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_smoke_bench_reports_device_memory(tmp_path, tracking_uri):
     out = tmp_path / "bench"
     options = ["--variants", "dt", "--device", "cuda", "--override", "dt:variant.method.fused=true"]

@@ -25,12 +25,7 @@ from tests.conftest import MNIST_FILES, compose_run_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 # Devices other than the host: `meta` (shapes and dtypes, no memory) stands in where no GPU is.
-OTHER_DEVICES = [
-    "meta",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-    ),
-]
+OTHER_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # Published normalisation constants, written out here independently of the module under test.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

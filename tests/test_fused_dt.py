@@ -15,13 +15,7 @@ from noprop_exp.models.dt_block import DTBlock
 from noprop_exp.models.dt_stack import DTStack
 from noprop_exp.train import make_optimizer, train_step
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ),
-]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # Small and deterministic: dropout masks are drawn per block in the sequential model but for all
 # blocks at once in the stack, so with dropout > 0 they cannot coincide; with p = 0 dropout is
 # the identity and everything else is a function of the weights, the batch and the q noise.

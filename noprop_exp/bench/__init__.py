@@ -270,8 +270,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"training speed against a plain PyTorch loop instead ({', '.join(plain.VARIANTS)})",
     )
+    parser.add_argument(
+        "--vs-step",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.py:FUNCTION",
+        help="--vs-plain: another implementation's step in the turns too (bench/versus.py)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="--vs-plain: turns of each step")
     args = parser.parse_args(argv)
+    if args.vs_step and not args.vs_plain:
+        parser.error("--vs-step joins the --vs-plain table: add --vs-plain")
+    try:
+        args.vs_step = dict(versus.load_step_factory(spec) for spec in args.vs_step)
+    except ValueError as err:
+        parser.error(str(err))
     if args.processes:
         args.processes = [int(n) for n in args.processes.split(",")]
 
@@ -374,7 +387,11 @@ def scaling_rows(variant: str, args: argparse.Namespace) -> list[dict[str, objec
 def versus_rows(variant: str, args: argparse.Namespace) -> list[dict[str, object]]:
     """`variant`'s training images/s against the plain loop's, side by side."""
     overrides = variant_overrides(variant, args)
-    return [versus.versus_plain(overrides, args.rounds, args.warmup_steps, args.train_steps)]
+    return [
+        versus.versus_plain(
+            overrides, args.rounds, args.warmup_steps, args.train_steps, args.vs_step
+        )
+    ]
 
 
 def log_to_mlflow(
