@@ -198,3 +198,28 @@ def test_dropout_masks_switch_picks_the_dropout_and_names_its_choices():
     assert BitsDropout in {type(m) for m in PaperCNN((1, 28, 28)).modules()}
     with pytest.raises(ValueError, match=r"dropout_masks must be one of \['bits', 'bernoulli'\]"):
         PaperCNN((1, 28, 28), dropout_masks="philox")
+
+
+@pytest.mark.parametrize("final", ["batchnorm", "relu"])
+def test_cpu_inference_runs_the_image_branch_in_chunks_with_the_same_values(final):
+    torch.manual_seed(0)
+    chunked = PaperCNN((1, 28, 28), final=final, inference_chunk=64).double().eval()
+    whole = PaperCNN((1, 28, 28), final=final, inference_chunk=0).double().eval()
+    whole.load_state_dict(chunked.state_dict())
+    if final == "batchnorm":  # running statistics of their own, so that they matter
+        chunked.final.running_mean.uniform_(-1, 1)
+        chunked.final.running_var.uniform_(0.5, 2)
+        whole.load_state_dict(chunked.state_dict())
+    passes = []
+    chunked.features.register_forward_hook(lambda _m, inputs, _o: passes.append(len(inputs[0])))
+    x = torch.randn(150, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(chunked(x), whole(x))
+    assert passes == [64, 64, 22]
+    passes.clear()
+    chunked(x)  # a graph is recorded (training-time use): the batch in one pass
+    with torch.no_grad():
+        chunked.train()(x)  # training mode: dropout's masks and batch statistics, one pass
+    assert passes == [150, 150]
+    with pytest.raises(ValueError, match="inference_chunk must be >= 0"):
+        PaperCNN((1, 28, 28), inference_chunk=-1)

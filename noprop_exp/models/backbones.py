@@ -89,8 +89,14 @@ class PaperCNN(nn.Module):
         dropout: float = 0.2,
         final: str = "batchnorm",
         dropout_masks: str = "bits",
+        inference_chunk: int = 128,
     ) -> None:
         super().__init__()
+        if inference_chunk < 0:
+            raise ValueError(
+                f"backbone.inference_chunk must be >= 0 (0: off), got {inference_chunk}"
+            )
+        self.inference_chunk = inference_chunk
         channels, height, width = image_shape
         # Figure 6 has conv-ReLU-pool; here each pool runs before its ReLU: max and ReLU commute
         # (ReLU is monotone), so values and gradients are the same (tests/test_architecture.py),
@@ -116,6 +122,15 @@ class PaperCNN(nn.Module):
         self.final = _final_layer(final, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Features of x. In CPU inference (evaluation mode, no graph), `inference_chunk` images
+        at a time: the first convolution's map of a 1,000-image evaluation batch (50 MB in bf16)
+        outgrows the cache, and its max-pool then reads it back from memory; in chunks of 128,
+        DT inference ran 1.4x faster on the 2-core CPU, with the same values (per-image layers
+        only: batch norm in evaluation mode uses its running statistics)."""
+        chunk = self.inference_chunk
+        in_cpu_inference = x.device.type == "cpu" and not (self.training or torch.is_grad_enabled())
+        if chunk and len(x) > chunk and in_cpu_inference:
+            return torch.cat([self.forward(part) for part in x.split(chunk)])  # one pass each
         return self.final(self.fc(self.features(x)))
 
 
