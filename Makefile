@@ -7,7 +7,7 @@ help:
 install:  ## install the suite and its test tools (editable: Hydra reads conf/ from the checkout)
 	python3 -m pip install -e '.[test]'
 
-test:  ## the default tier (CI): fast tests plus NoProp-DT on real MNIST, about 5 min on 2 CPU cores
+test:  ## the default tier (CI): fast tests plus NoProp-DT on real MNIST, about 10 min on 2 CPU cores
 	python3 -m pytest -q
 
 test-all:  ## every tier: also launcher multiruns, a live MLflow server, CT and FM on real MNIST
