@@ -62,8 +62,9 @@ def load_step_factory(spec: str) -> tuple[str, StepFactory]:
         if not path.is_file():
             raise ValueError(f"--vs-step {name}: no file {path.resolve()}")
         # as `python FILE.py` would, so the file can import its neighbours (e.g. the code it times)
-        if str(path.parent.resolve()) not in sys.path:
-            sys.path.insert(0, str(path.parent.resolve()))
+        folder = str(path.parent.resolve())
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         module_spec = importlib.util.spec_from_file_location(f"vs_step_{name}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
